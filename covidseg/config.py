@@ -1,0 +1,212 @@
+"""Typed, validated view of `params.yaml`.
+
+Every section is a frozen pydantic model that forbids unknown keys, so a typo or an impossible
+value is one clear error when a stage starts, not a crash an hour into training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from covidseg.errors import CovidSegError
+
+ZENODO_URL = "https://zenodo.org/records/3757476/files"
+ZENODO_SHA256 = {  # as published for record 3757476
+    "COVID-19-CT-Seg_20cases.zip": (
+        "a5060480eff9315b069b086312dac4872777901fb80d268a5a83edd9f4e7b440"
+    ),
+    "Infection_Mask.zip": "87901c73fdd2230260e61d2dbc57bf56026efc28264006b8ea2bf411453c1694",
+    "Lung_Mask.zip": "f060b0d0299939a6d95ddefdbfa281de1a779c4d230a5adbd32414711d6d8187",
+    "Lung_and_Infection_Mask.zip": (
+        "34f5a573cb8fb53cb15abe81868395d9addf436854826a6fd6e70c2b294f19c3"
+    ),
+}
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DownloadParams(_Section):
+    """Where the archives come from and what they must hash to."""
+
+    base_url: str = ZENODO_URL
+    sha256: dict[str, Sha256] = Field(default_factory=lambda: dict(ZENODO_SHA256))
+    retries: Annotated[int, Field(ge=0, le=20)] = 4
+    backoff_s: Annotated[float, Field(ge=0)] = 1.0
+    timeout_s: PositiveFloat = 60.0
+
+    @field_validator("sha256")
+    @classmethod
+    def _archives(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("name at least one archive")
+        for name in value:
+            if "/" in name or "\\" in name or not name.endswith(".zip"):
+                raise ValueError(f"{name!r} is not a plain .zip archive name")
+        return value
+
+
+class PrepareParams(_Section):
+    """How volumes become normalised slice stores."""
+
+    hu_window: tuple[float, float] = (-1250.0, 250.0)
+    image_size: Annotated[int, Field(ge=16, le=2048)] = 512
+    image_dtype: Literal["float16", "float32"] = "float16"
+    compression: Literal["lzf", "gzip", "none"] = "lzf"
+    target: Literal["infection", "lung_infection"] = "infection"
+
+    @field_validator("hu_window")
+    @classmethod
+    def _window(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not value[0] < value[1]:
+            raise ValueError(f"needs low < high, got {list(value)}")
+        return value
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_32(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError(f"must be a multiple of 32 (encoder strides), got {value}")
+        return value
+
+
+class SplitParams(_Section):
+    """Which cases train, validate and test."""
+
+    scheme: Literal["benchmark", "kfold"] = "benchmark"
+    protocol: Literal["16_4", "4_16"] = "16_4"
+    n_folds: Annotated[int, Field(ge=2, le=20)] = 5
+    fold: Annotated[int, Field(ge=0)] = 0
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> SplitParams:
+        folds = 5 if self.scheme == "benchmark" else self.n_folds
+        if self.fold >= folds:
+            raise ValueError(f"fold {self.fold} does not exist: {self.scheme} has {folds} folds")
+        return self
+
+
+class LossParams(_Section):
+    bce_weight: Annotated[float, Field(ge=0)] = 1.0
+    dice_weight: Annotated[float, Field(ge=0)] = 1.0
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> LossParams:
+        if self.bce_weight + self.dice_weight <= 0:
+            raise ValueError("at least one loss weight must be positive")
+        return self
+
+
+class AugmentParams(_Section):
+    enabled: bool = True
+    flip: bool = True
+    rotate_deg: Annotated[float, Field(ge=0, le=180)] = 10.0
+    scale: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    intensity: Annotated[float, Field(ge=0, le=1)] = 0.1
+
+
+class TrainParams(_Section):
+    """The optimisation recipe (defaults: the original study)."""
+
+    encoder_weights: Literal["imagenet"] | None = None
+    epochs: Annotated[int, Field(ge=1)] = 100
+    batch_size: Annotated[int, Field(ge=1)] = 2
+    lr: PositiveFloat = 1.0e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    loss: LossParams = LossParams()
+    augment: AugmentParams = AugmentParams()
+    positive_fraction: Annotated[float, Field(ge=0, le=1)] = 0.5
+    steps_per_epoch: Annotated[int, Field(ge=1)] | None = None
+    early_stopping_patience: Annotated[int, Field(ge=1)] | None = None
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    num_workers: Annotated[int, Field(ge=0)] = 1
+    bf16: bool = True
+
+
+class EvaluateParams(_Section):
+    threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    nsd_tolerance_mm: PositiveFloat = 3.0
+    lung_nsd_tolerance_mm: PositiveFloat = 1.0
+    tta_flip: bool = False
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    overlay_cases: Annotated[int, Field(ge=0)] = 20
+
+
+class TrackingParams(_Section):
+    experiment: Annotated[str, Field(min_length=1)] = "covidseg"
+    registered_model: Annotated[str, Field(min_length=1)] = "covidseg"
+    alias: Annotated[str, Field(min_length=1)] = "latest"
+
+
+class Params(_Section):
+    """The whole of `params.yaml`."""
+
+    arch: str = "UnetPlusPlus"
+    encoder: str = "densenet201"
+    download: DownloadParams = DownloadParams()
+    prepare: PrepareParams = PrepareParams()
+    split: SplitParams = SplitParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    tracking: TrackingParams = TrackingParams()
+
+
+def _one_line(error: ValidationError, source: str) -> str:
+    """Turn pydantic's report into one line: `params.yaml: train.lr: must be > 0; ...`."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        parts.append(f"{where}: {message}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def parse_params(raw: Any, source: str = "params") -> Params:
+    """Validate an already-loaded mapping."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise CovidSegError(f"{source}: expected a mapping at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise CovidSegError(_one_line(error, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate `params.yaml`; every problem is a `CovidSegError`."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise CovidSegError(f"{path}: no such file") from None
+    except yaml.YAMLError as error:
+        raise CovidSegError(f"{path}: not valid YAML ({error})".replace("\n", " ")) from None
+    return parse_params(raw, str(path))
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """`{"train.lr": 1e-4, ...}`: the form MLflow and reports record."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and not (prefix.endswith("sha256")):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            out[prefix] = value
+
+    walk("", params.model_dump(mode="json"))
+    return out

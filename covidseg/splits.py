@@ -1,0 +1,86 @@
+"""Patient-level train / validation / test splits.
+
+Two radiopaedia cases can come from one patient (same Radiopaedia case number), so every split
+of our own groups cases by patient. Validation cases come from the training cases only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib import resources
+
+import numpy as np
+
+from covidseg.config import SplitParams
+from covidseg.errors import CovidSegError
+
+BENCHMARK_KEYS = {"16_4": "folds_16train_4test", "4_16": "folds_4train_16test"}
+_RADIOPAEDIA = re.compile(r"^(radiopaedia_\d+)_")
+
+
+def patient_of(case: str) -> str:
+    """`radiopaedia_29_86490_1` -> `radiopaedia_29`; any other case is its own patient."""
+    match = _RADIOPAEDIA.match(case)
+    return match.group(1) if match else case
+
+
+def group_by_patient(cases: list[str]) -> dict[str, list[str]]:
+    """Patient id -> its cases, both sorted."""
+    groups: dict[str, list[str]] = {}
+    for case in sorted(cases):
+        groups.setdefault(patient_of(case), []).append(case)
+    return groups
+
+
+def benchmark_fold(protocol: str, fold: int) -> dict[str, list[str]]:
+    """The dataset authors' fold: {"train": [...], "test": [...]}."""
+    text = resources.files("covidseg") / "resources" / "benchmark_task1_splits.json"
+    folds = json.loads(text.read_text())[BENCHMARK_KEYS[protocol]]
+    return {"train": sorted(folds[fold]["train"]), "test": sorted(folds[fold]["test"])}
+
+
+def kfold_test_cases(cases: list[str], n_folds: int, fold: int, seed: int) -> list[str]:
+    """Seeded patient-grouped k-fold: the test cases of `fold`."""
+    groups = group_by_patient(cases)
+    if n_folds > len(groups):
+        raise CovidSegError(
+            f"split.n_folds={n_folds} but only {len(groups)} patients are present "
+            f"({len(cases)} cases)"
+        )
+    order = np.random.default_rng(seed).permutation(sorted(groups))
+    chosen = [p for i, p in enumerate(order) if i % n_folds == fold]
+    return sorted(case for patient in chosen for case in groups[patient])
+
+
+def hold_out_validation(train: list[str], fraction: float, seed: int) -> tuple[list, list]:
+    """Split training cases into (train, val) by patient; at least one patient keeps training."""
+    groups = group_by_patient(train)
+    n_val = round(fraction * len(groups)) if fraction > 0 else 0
+    n_val = min(max(n_val, 1 if fraction > 0 else 0), len(groups) - 1)
+    order = list(np.random.default_rng(seed + 1).permutation(sorted(groups)))
+    val_patients = set(order[:n_val])
+    val = sorted(c for p in val_patients for c in groups[p])
+    return sorted(c for c in train if c not in val), val
+
+
+def make_split(params: SplitParams, cases: list[str]) -> dict[str, list[str]]:
+    """`{"train", "val", "test"}` case lists for the selected scheme and fold."""
+    present = set(cases)
+    if params.scheme == "benchmark":
+        fold = benchmark_fold(params.protocol, params.fold)
+        absent = sorted(c for c in fold["train"] + fold["test"] if c not in present)
+        if absent:
+            raise CovidSegError(
+                f"the benchmark split ({params.protocol}, fold {params.fold}) names "
+                f"{len(absent)} cases that are not in the data: {', '.join(absent)}; "
+                "download all archives or set split.scheme: kfold to split the cases present"
+            )
+        test, train = fold["test"], fold["train"]
+    else:
+        test = kfold_test_cases(sorted(present), params.n_folds, params.fold, params.seed)
+        train = sorted(present - set(test))
+    if not train:
+        raise CovidSegError("the split leaves no training case")
+    train, val = hold_out_validation(train, params.val_fraction, params.seed)
+    return {"train": train, "val": val, "test": sorted(test)}
