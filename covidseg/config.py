@@ -122,6 +122,7 @@ class TrainParams(_Section):
     batch_size: Annotated[int, Field(ge=1)] = 2
     lr: PositiveFloat = 1.0e-4
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    scheduler: Literal["constant", "cosine"] = "constant"
     loss: LossParams = LossParams()
     augment: AugmentParams = AugmentParams()
     positive_fraction: Annotated[float, Field(ge=0, le=1)] = 0.5

@@ -1,0 +1,381 @@
+"""The `train` stage: U-Net++ (or any SMP model) on the slice stores, resumable and DDP-ready.
+
+Every epoch ends in an atomic checkpoint of everything needed to resume (model, optimizer,
+scheduler, scaler, epoch, RNG states, history, MLflow run id). The slices drawn in epoch e
+depend only on (seed, e), so a run killed and resumed ends with the same weights as one that
+never stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from covidseg.atomic import write_json_atomic, write_text_atomic
+from covidseg.config import Params
+from covidseg.dataset import BalancedSampler, SliceDataset
+from covidseg.errors import CovidSegError
+from covidseg.inference import autocast
+from covidseg.losses import SegmentationLoss
+from covidseg.model import build_model, check_model_names, resolve_device
+from covidseg.modelio import ModelSpec, save_model
+from covidseg.store import read_arrays
+from covidseg.tracking import Tracker
+from covidseg.validation import validate
+
+LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds")
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    data_dir: Path
+    splits: Path
+    model_dir: Path
+    checkpoint_dir: Path
+    metrics: Path
+    log: Path
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def fingerprint(params: Params) -> str:
+    """What a checkpoint must match to be resumed: model, recipe, data and split params."""
+    keys = {"arch", "encoder", "train", "prepare", "split"}
+    blob = json.dumps(params.model_dump(mode="json", include=keys), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group that torchrun describes in the environment, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+def store_paths(data_dir: Path, cases: list[str]) -> list[Path]:
+    """The stores of the named cases; a missing one is an error naming it."""
+    paths = [data_dir / f"{case}.h5" for case in cases]
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:
+        raise CovidSegError(f"no prepared store for {', '.join(missing)} in {data_dir}")
+    return paths
+
+
+def load_splits(path: Path) -> dict[str, list[str]]:
+    try:
+        splits = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CovidSegError(f"{path}: cannot read the split ({error})") from None
+    if not splits.get("train"):
+        raise CovidSegError(f"{path}: no training cases")
+    return splits
+
+
+def make_loader(
+    dataset: SliceDataset, params: Params, dist_info: Dist, device: torch.device
+) -> DataLoader:
+    """Balanced, seeded draws; one epoch is `steps_per_epoch` batches or one pass."""
+    tp = params.train
+    per_rank = (tp.steps_per_epoch * tp.batch_size) if tp.steps_per_epoch else len(dataset)
+    per_rank = max(tp.batch_size, per_rank // dist_info.world_size)
+    sampler = BalancedSampler(
+        dataset.positive,
+        tp.positive_fraction,
+        per_rank,
+        tp.seed,
+        dist_info.rank,
+        dist_info.world_size,
+    )
+    return DataLoader(
+        dataset,
+        batch_size=tp.batch_size,
+        sampler=sampler,
+        num_workers=tp.num_workers,
+        persistent_workers=tp.num_workers > 0,
+        pin_memory=device.type == "cuda",
+        drop_last=per_rank >= tp.batch_size,
+    )
+
+
+@dataclass
+class State:
+    """Everything a checkpoint holds besides tensors' owners."""
+
+    epoch: int = 0
+    run_id: str | None = None
+    history: list[dict] | None = None
+    best_epoch: int = 0
+    best_dice: float = -1.0
+    bad_epochs: int = 0
+
+
+def save_checkpoint(path: Path, state: State, parts: dict, fp: str) -> None:
+    """Write the resumable checkpoint atomically (temporary file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    payload = {
+        "fingerprint": fp,
+        "state": state.__dict__,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        },
+        **{name: obj.state_dict() for name, obj in parts.items()},
+    }
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, parts: dict, fp: str) -> State | None:
+    """Restore a checkpoint made with the same params; None when there is none to resume."""
+    if not path.exists():
+        return None
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if payload.get("fingerprint") != fp:
+        print(f"train: {path} was made with other params; starting afresh")
+        return None
+    for name, obj in parts.items():
+        obj.load_state_dict(payload[name])
+    torch.set_rng_state(payload["rng"]["torch"])
+    np.random.set_state(payload["rng"]["numpy"])
+    random.setstate(payload["rng"]["python"])
+    return State(**payload["state"])
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    loss_fn: SegmentationLoss,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    params: Params,
+    epoch: int,
+    show: bool,
+) -> tuple[float, int]:
+    """One pass over the sampler's draws; returns (mean loss, slices seen)."""
+    model.train()
+    loader.sampler.set_epoch(epoch)
+    total, seen = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}/{params.train.epochs}", unit="batch", disable=not show)
+    for image, target in bar:
+        image = image.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        if device.type == "cuda":
+            image = image.contiguous(memory_format=torch.channels_last)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, params.train.bf16):
+            loss = loss_fn(model(image), target)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(image)
+        seen += len(image)
+        bar.set_postfix(loss=f"{total / seen:.4f}")
+    return total / max(seen, 1), seen
+
+
+def weights_digest(model: torch.nn.Module) -> float:
+    """A cheap fingerprint of the weights, to check that DDP ranks agree."""
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def ranks_in_sync(model: torch.nn.Module, dist_info: Dist) -> bool:
+    """True when every rank holds the same weights (trivially so without DDP)."""
+    if dist_info.world_size == 1:
+        return True
+    digest = torch.tensor([weights_digest(model)], dtype=torch.float64)
+    gathered = [torch.zeros_like(digest) for _ in range(dist_info.world_size)]
+    dist.all_gather(gathered, digest)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def write_log(path: Path, history: list[dict]) -> None:
+    """Per-epoch CSV that `dvc plots` draws; rewritten whole from the checkpoint's history."""
+    lines = [",".join(LOG_COLUMNS)]
+    for row in history:
+        lines.append(",".join("" if row.get(c) is None else f"{row[c]:.6g}" for c in LOG_COLUMNS))
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def model_spec(params: Params, classes: int, state: State) -> ModelSpec:
+    """What evaluate and predict need to rebuild and feed the model."""
+    return ModelSpec(
+        arch=params.arch,
+        encoder=params.encoder,
+        classes=classes,
+        target=params.prepare.target,
+        image_size=params.prepare.image_size,
+        hu_window=params.prepare.hu_window,
+        run_id=state.run_id,
+        best_epoch=state.best_epoch,
+        val_dice=state.best_dice if state.best_dice >= 0 else None,
+    )
+
+
+def build_parts(params: Params, classes: int, device: torch.device) -> dict:
+    """Model, optimizer and scheduler: the objects a checkpoint restores."""
+    tp = params.train
+    model = build_model(params.arch, params.encoder, tp.encoder_weights, classes).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
+    if tp.scheduler == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tp.epochs)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+
+
+def end_of_epoch(
+    state: State, row: dict, params: Params, model: torch.nn.Module, checkpoint_dir: Path
+) -> bool:
+    """Record the epoch, keep the best weights; True when early stopping says stop."""
+    state.history = [*(state.history or []), row]
+    state.epoch = row["epoch"]
+    score = row["val_dice"] if row["val_dice"] is not None else -row["train_loss"]
+    if state.best_epoch == 0 or score > state.best_dice:
+        state.best_epoch, state.best_dice, state.bad_epochs = state.epoch, score, 0
+        tmp = checkpoint_dir / ".best.pt.tmp"
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, checkpoint_dir / "best.pt")
+    else:
+        state.bad_epochs += 1
+    patience = params.train.early_stopping_patience
+    return patience is not None and state.bad_epochs >= patience
+
+
+def train(params: Params, paths: TrainPaths) -> dict:
+    """Train (or resume) and write the model folder, metrics and per-epoch log."""
+    check_model_names(params.arch, params.encoder)
+    splits = load_splits(paths.splits)
+    device = resolve_device(params.train.device)
+    dist_info = init_distributed(device)
+    seed_everything(params.train.seed)
+    classes = 1 if params.prepare.target == "infection" else 4
+    infection_label = 1 if classes == 1 else 3
+    train_set = SliceDataset(store_paths(paths.data_dir, splits["train"]), params.train.augment)
+    val_paths = store_paths(paths.data_dir, splits.get("val", []))
+    val_cases = {p.stem: read_arrays(p) for p in val_paths} if dist_info.main else {}
+    loader = make_loader(train_set, params, dist_info, device)
+    parts = build_parts(params, classes, device)
+    module = parts["model"]
+    paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    last = paths.checkpoint_dir / "last.pt"
+    fp = fingerprint(params)
+    state = load_checkpoint(last, parts, fp) or State()
+    if state.epoch and dist_info.main:
+        print(f"train: resuming after epoch {state.epoch} of {params.train.epochs}")
+    net = module
+    if dist_info.world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(module)
+    tracker = Tracker.start(params, run_id=state.run_id, stage="train") if dist_info.main else None
+    state.run_id = tracker.run_id if tracker else state.run_id
+    loss_fn = SegmentationLoss(params.train.loss, classes)
+    speed = 0.0
+    for epoch in range(state.epoch + 1, params.train.epochs + 1):
+        start = time.perf_counter()
+        train_loss, seen = train_epoch(
+            net, loader, loss_fn, parts["optimizer"], device, params, epoch, dist_info.main
+        )
+        lr = parts["scheduler"].get_last_lr()[0]
+        parts["scheduler"].step()
+        speed = seen * dist_info.world_size / (time.perf_counter() - start)
+        stop = torch.zeros(1)
+        if dist_info.main:
+            val_loss, dices = (None, {})
+            if val_cases:
+                val_loss, dices = validate(
+                    module,
+                    val_cases,
+                    loss_fn,
+                    device,
+                    params.evaluate.batch_size,
+                    params.train.bf16,
+                    infection_label,
+                )
+            row = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "val_dice": float(np.mean(list(dices.values()))) if dices else None,
+                "lr": lr,
+                "seconds": time.perf_counter() - start,
+            }
+            stop[0] = float(end_of_epoch(state, row, params, module, paths.checkpoint_dir))
+            save_checkpoint(last, state, parts, fp)
+            write_log(paths.log, state.history)
+            tracker.log_metrics(
+                {**row, **{f"val_dice.{c}": d for c, d in dices.items()}}, step=epoch
+            )
+        if dist_info.world_size > 1:
+            dist.broadcast(stop, src=0)
+        if stop.item():
+            break
+    in_sync = ranks_in_sync(module, dist_info)
+    summary = {}
+    if dist_info.main:
+        summary = finish(params, paths, state, classes, speed, dist_info, in_sync, tracker)
+    if dist_info.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def finish(
+    params: Params,
+    paths: TrainPaths,
+    state: State,
+    classes: int,
+    speed: float,
+    dist_info: Dist,
+    in_sync: bool,
+    tracker: Tracker,
+) -> dict:
+    """Export the best weights as the model folder and write `metrics/train.json`."""
+    best = torch.load(paths.checkpoint_dir / "best.pt", map_location="cpu", weights_only=True)
+    save_model(paths.model_dir, best, model_spec(params, classes, state))
+    last = (state.history or [{}])[-1]
+    summary = {
+        "best_epoch": state.best_epoch,
+        "best_val_dice": state.best_dice if last.get("val_dice") is not None else None,
+        "epochs_run": state.epoch,
+        "final_train_loss": last.get("train_loss"),
+        "final_val_loss": last.get("val_loss"),
+        "slices_per_s": round(speed, 3) if speed else None,
+        "world_size": dist_info.world_size,
+        "ranks_in_sync": in_sync,
+    }
+    write_json_atomic(paths.metrics, summary)
+    tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    tracker.log_artifact(paths.log, "training")
+    tracker.end()
+    return summary

@@ -1,0 +1,45 @@
+"""Validation during training: loss and per-case 3D Dice on the stored grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from covidseg.inference import autocast, probabilities, to_labels
+from covidseg.losses import SegmentationLoss
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """3D Dice of two boolean arrays; two empty masks agree perfectly (1.0)."""
+    denominator = int(pred.sum()) + int(ref.sum())
+    return 1.0 if denominator == 0 else 2.0 * int((pred & ref).sum()) / denominator
+
+
+@torch.no_grad()
+def validate(
+    model: torch.nn.Module,
+    cases: dict[str, dict[str, np.ndarray]],
+    loss_fn: SegmentationLoss,
+    device: torch.device,
+    batch_size: int,
+    bf16: bool,
+    infection_label: int,
+) -> tuple[float, dict[str, float]]:
+    """(mean slice loss, {case: infection Dice}) over whole validation volumes."""
+    model.eval()
+    total, count, dices = 0.0, 0, {}
+    for case, arrays in cases.items():
+        labels = []
+        for start in range(0, len(arrays["image"]), batch_size):
+            image = torch.from_numpy(arrays["image"][start : start + batch_size].astype(np.float32))
+            target = torch.from_numpy(arrays["mask"][start : start + batch_size].astype(np.int64))
+            image, target = image[:, None].to(device), target.to(device)
+            with autocast(device, bf16):
+                logits = model(image)
+            total += loss_fn(logits, target).item() * len(image)
+            count += len(image)
+            prob = probabilities(logits).permute(1, 0, 2, 3).cpu().numpy()
+            labels.append(to_labels(prob, 0.5))
+        pred = np.concatenate(labels) == infection_label
+        dices[case] = dice(pred, arrays["mask"] == infection_label)
+    return total / max(count, 1), dices
