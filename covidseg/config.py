@@ -59,7 +59,7 @@ class PrepareParams(_Section):
     hu_window: tuple[float, float] = (-1250.0, 250.0)
     image_size: Annotated[int, Field(ge=16, le=2048)] = 512
     image_dtype: Literal["float16", "float32"] = "float16"
-    compression: Literal["lzf", "gzip", "none"] = "lzf"
+    compression: Literal["gzip", "lzf", "none"] = "gzip"
     target: Literal["infection", "lung_infection"] = "infection"
 
     @field_validator("hu_window")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 
@@ -84,3 +85,14 @@ def make_split(params: SplitParams, cases: list[str]) -> dict[str, list[str]]:
         raise CovidSegError("the split leaves no training case")
     train, val = hold_out_validation(train, params.val_fraction, params.seed)
     return {"train": train, "val": val, "test": sorted(test)}
+
+
+def load_splits(path: Path) -> dict[str, list[str]]:
+    """Read `splits.json`; it must name training cases."""
+    try:
+        splits = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CovidSegError(f"{path}: cannot read the split ({error})") from None
+    if not splits.get("train"):
+        raise CovidSegError(f"{path}: no training cases")
+    return splits

@@ -30,6 +30,7 @@ from covidseg.inference import autocast
 from covidseg.losses import SegmentationLoss
 from covidseg.model import build_model, check_model_names, resolve_device
 from covidseg.modelio import ModelSpec, save_model
+from covidseg.splits import load_splits
 from covidseg.store import read_arrays
 from covidseg.tracking import Tracker
 from covidseg.validation import validate
@@ -89,16 +90,6 @@ def store_paths(data_dir: Path, cases: list[str]) -> list[Path]:
     if missing:
         raise CovidSegError(f"no prepared store for {', '.join(missing)} in {data_dir}")
     return paths
-
-
-def load_splits(path: Path) -> dict[str, list[str]]:
-    try:
-        splits = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CovidSegError(f"{path}: cannot read the split ({error})") from None
-    if not splits.get("train"):
-        raise CovidSegError(f"{path}: no training cases")
-    return splits
 
 
 def make_loader(

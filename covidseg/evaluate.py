@@ -1,0 +1,186 @@
+"""The `evaluate` stage: per-case 3D metrics on the original voxel grid, figures, tracking.
+
+Each test case is predicted slice by slice on the stored grid; probabilities are resampled
+back to the case's original grid (undoing the resize and square padding) before
+thresholding, and compared there with the reference mask read from the raw NIfTI, using the
+header spacing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from covidseg.atomic import atomic_dir, write_json_atomic, write_text_atomic
+from covidseg.config import Params
+from covidseg.errors import CovidSegError
+from covidseg.figures import overlay_slices, per_case_bar, pick_slices, training_curves
+from covidseg.inference import predict_volume, to_labels
+from covidseg.metrics import case_metrics, summarise
+from covidseg.model import resolve_device
+from covidseg.modelio import ModelSpec, load_model
+from covidseg.prepare import target_mask
+from covidseg.resample import to_original_grid
+from covidseg.splits import load_splits
+from covidseg.store import read_arrays, read_meta
+from covidseg.tracking import Tracker
+from covidseg.volumes import find_cases, load_case
+
+CLASS_NAMES = {1: "left_lung", 2: "right_lung", 3: "infection"}
+
+
+@dataclass(frozen=True)
+class EvalPaths:
+    data_dir: Path
+    raw_dir: Path
+    splits: Path
+    model_dir: Path
+    metrics: Path
+    per_case: Path
+    reports: Path
+    train_log: Path | None = None
+
+
+def predict_case(
+    model: torch.nn.Module, image: np.ndarray, shape: tuple[int, ...], params: Params, device
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels on the stored grid, labels on the original grid) for one volume."""
+    ep = params.evaluate
+    prob = predict_volume(model, image, device, ep.batch_size, ep.tta_flip, params.train.bf16)
+    stored = to_labels(prob, ep.threshold)
+    original = np.stack([to_original_grid(p, shape[1], shape[2], labels=False) for p in prob])
+    return stored, to_labels(original, ep.threshold)
+
+
+def score_case(
+    pred: np.ndarray, ref: np.ndarray, spacing: tuple, spec: ModelSpec, params: Params
+) -> dict[str, float]:
+    """Infection metrics as the headline; per-class metrics too for the lung + infection model."""
+    ep = params.evaluate
+    row = case_metrics(
+        pred == spec.infection_label, ref == spec.infection_label, spacing, ep.nsd_tolerance_mm
+    )
+    if spec.classes > 1:
+        for label in (1, 2):
+            lung = case_metrics(pred == label, ref == label, spacing, ep.lung_nsd_tolerance_mm)
+            name = CLASS_NAMES[label]
+            row |= {f"{name}_dice": lung["dice"], f"{name}_nsd": lung["nsd"]}
+    return row
+
+
+def write_per_case(path: Path, rows: list[dict]) -> None:
+    """`metrics/per_case.csv`: one row per test case, `case` first."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if _missing(v) else v for k, v in row.items()})
+    write_text_atomic(path, buffer.getvalue())
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def reference_masks(raw_dir: Path, cases: list[str], target: str) -> dict[str, np.ndarray]:
+    """Lazily usable map case -> reference labels on the original (canonical) grid."""
+    files = {c.name: c for c in find_cases(raw_dir)}
+    missing = [case for case in cases if case not in files]
+    if missing:
+        raise CovidSegError(f"test cases missing from {raw_dir}: {', '.join(missing)}")
+    return {case: files[case] for case in cases}
+
+
+def evaluate_case(
+    case: str,
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    params: Params,
+    paths: EvalPaths,
+    files,
+    device: torch.device,
+) -> dict[str, float]:
+    """Predict, score and draw one test case."""
+    store = paths.data_dir / f"{case}.h5"
+    if not store.exists():
+        raise CovidSegError(f"no prepared store for test case {case} in {paths.data_dir}")
+    arrays, meta = read_arrays(store), read_meta(store)
+    stored, pred = predict_case(model, arrays["image"], meta.original_shape, params, device)
+    ref = target_mask(load_case(files), spec.target)[0]
+    if ref.shape != pred.shape:
+        raise CovidSegError(f"{case}: store and raw volume disagree ({pred.shape} vs {ref.shape})")
+    row = {"case": case, **score_case(pred, ref, meta.original_spacing, spec, params)}
+    infected = arrays["mask"] == spec.infection_label
+    overlay_slices(
+        arrays["image"].astype(np.float32),
+        arrays["mask"],
+        stored,
+        pick_slices(infected),
+        f"{case}: Dice {row['dice']:.3f}, NSD {row['nsd']:.3f}",
+        paths.reports / "overlays" / f"{case}.png",
+    )
+    return row
+
+
+def evaluate(params: Params, paths: EvalPaths) -> dict:
+    """Score every test case; write metrics JSON, per-case CSV and figures; track the run."""
+    test = load_splits(paths.splits).get("test") or []
+    if not test:
+        raise CovidSegError(f"{paths.splits}: no test cases")
+    device = resolve_device(params.train.device)
+    model, spec = load_model(paths.model_dir, device)
+    files = reference_masks(paths.raw_dir, test, spec.target)
+    rows = []
+    with atomic_dir(paths.reports) as reports:
+        (reports / "overlays").mkdir()
+        tmp_paths = EvalPaths(**{**paths.__dict__, "reports": reports})
+        for case in tqdm(test, desc="evaluate", unit="case"):
+            rows.append(evaluate_case(case, model, spec, params, tmp_paths, files[case], device))
+        per_case_bar(rows, "dice", reports / "per_case_dice.png", "Per-case 3D Dice (test)")
+        if paths.train_log and paths.train_log.exists():
+            training_curves(read_log(paths.train_log), reports / "training_curves.png")
+    keys = tuple(k for k in rows[0] if k != "case")
+    summary = {
+        **summarise(rows, keys),
+        "threshold": params.evaluate.threshold,
+        "nsd_tolerance_mm": params.evaluate.nsd_tolerance_mm,
+    }
+    write_json_atomic(paths.metrics, summary)
+    write_per_case(paths.per_case, rows)
+    track(params, paths, spec, model, summary)
+    return summary
+
+
+def read_log(path: Path) -> list[dict]:
+    """The per-epoch CSV written by training, numbers parsed (empty cells -> None)."""
+    with path.open() as f:
+        return [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def track(params: Params, paths: EvalPaths, spec: ModelSpec, model, summary: dict) -> None:
+    """Add test metrics, artifacts and the registered model to the training run."""
+    tracker = Tracker.start(params, run_id=spec.run_id, stage="evaluate")
+    tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    for path, folder in (
+        (Path("params.yaml"), None),
+        (paths.per_case, "evaluation"),
+        (paths.metrics, "evaluation"),
+        (paths.reports, "evaluation"),
+    ):
+        if path.exists():
+            tracker.log_artifact(path, folder)
+    example = np.zeros((1, 1, spec.image_size, spec.image_size), dtype=np.float32)
+    tracker.log_model(
+        model.cpu(),
+        example,
+        registered_name=params.tracking.registered_model,
+        alias=params.tracking.alias,
+    )
+    tracker.end()

@@ -1,0 +1,315 @@
+"""Report figures: CT overlays, per-case metric bars and training curves, written as PNG.
+
+Figures are drawn on `matplotlib.figure.Figure` objects with the Agg canvas and never through
+pyplot, so no display is needed, the process-wide backend is left alone and nothing stays
+open after saving. Sizes are fixed at `DPI` dots per inch (see each function), so the PNGs of
+a rerun have the same pixel size.
+
+Overlays follow the canonical orientation (slice, row, col) = (Superior, Posterior, Left): an
+axial slice is shown as radiologists read it, anterior at the top and the patient's right on
+the viewer's left (marked R / L).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgba
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+
+DPI = 100
+PANEL_INCHES = 4.0  # overlay panel side
+OVERLAY_EXTRA_INCHES = 0.8  # overlay title, captions and legend
+BAR_HEIGHT_INCHES = 4.5
+CURVES_INCHES = (11.0, 4.2)
+
+REF_COLOUR, PRED_COLOUR = "#2ca02c", "#e377c2"
+REF_LUNG_COLOUR, PRED_LUNG_COLOUR = "#17becf", "#ff7f0e"
+BAR_COLOUR, TRAIN_COLOUR, VAL_COLOUR = "#4c72b0", "#4c72b0", "#dd8452"
+DICE_COLOUR, BEST_COLOUR = "#55a868", "#c44e52"
+FILL_ALPHA = 0.35
+BINARY_LABELS = {1: "infection"}
+MULTI_LABELS = {1: "left lung", 2: "right lung", 3: "infection"}
+INFECTION = "infection"
+METRIC_LABELS = {
+    "dice": "Dice",
+    "iou": "IoU",
+    "nsd": "NSD",
+    "hd95": "HD95 (mm)",
+    "sensitivity": "Sensitivity",
+    "precision": "Precision",
+    "ref_volume_ml": "Reference volume (mL)",
+    "pred_volume_ml": "Predicted volume (mL)",
+}
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    """Write `fig` as PNG at `DPI` (parents created) and release it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig).print_png(path, metadata={"Software": None})
+    fig.clear()
+    return path
+
+
+def _label_names(*masks: np.ndarray | None) -> dict[int, str]:
+    """Binary ({1: infection}) or multi-label (lungs + infection) naming of mask values."""
+    top = max((int(m.max()) for m in masks if m is not None and m.size), default=0)
+    return MULTI_LABELS if top > 1 else BINARY_LABELS
+
+
+def _infection_label(names: Mapping[int, str]) -> int:
+    """The value that means infection in this naming."""
+    return next(value for value, name in names.items() if name == INFECTION)
+
+
+def pick_slices(reference: np.ndarray, n: int = 2) -> list[int]:
+    """Slices to show, most infected first: for n=2 the most and the least (non-zero) infected.
+
+    `reference` is read as a boolean (slices, H, W) infection mask; more than two picks spread
+    evenly over the infected slices ranked by area. Without infection: the middle slice.
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    area = np.count_nonzero(reference.reshape(reference.shape[0], -1), axis=1)
+    infected = np.flatnonzero(area)
+    if infected.size == 0:
+        return [reference.shape[0] // 2]
+    ranked = infected[np.argsort(-area[infected], kind="stable")]
+    ranks = np.round(np.linspace(0, ranked.size - 1, min(n, ranked.size))).astype(int)
+    return [int(ranked[r]) for r in dict.fromkeys(ranks.tolist())]
+
+
+def _fill(ax, mask: np.ndarray, colour: str) -> None:
+    """Translucent filled overlay of a boolean slice."""
+    rgba = np.zeros((*mask.shape, 4), dtype=np.float32)
+    rgba[mask] = to_rgba(colour, FILL_ALPHA)
+    ax.imshow(rgba, interpolation="nearest")
+
+
+def _outline(ax, mask: np.ndarray, colour: str, width: float, style: str = "solid") -> None:
+    """Contour of a boolean slice (nothing when it is empty)."""
+    if mask.any():
+        ax.contour(
+            mask.astype(np.float32),
+            levels=[0.5],
+            colors=[colour],
+            linewidths=width,
+            linestyles=style,
+        )
+
+
+def _draw_masks(ax, mask: np.ndarray, names: Mapping[int, str], reference: bool) -> None:
+    """Reference: infection filled + outlined; prediction: outlined. Lung fields thin, dashed."""
+    infection = mask == _infection_label(names)
+    lungs = mask > 0 if len(names) > 1 else np.zeros_like(infection)
+    if reference:
+        _fill(ax, infection, REF_COLOUR)
+        _outline(ax, infection, REF_COLOUR, 1.2)
+        _outline(ax, lungs, REF_LUNG_COLOUR, 0.8, "dashed")
+    else:
+        _outline(ax, infection, PRED_COLOUR, 1.4)
+        _outline(ax, lungs, PRED_LUNG_COLOUR, 0.8, "dotted")
+
+
+def _legend_handles(has_ref: bool, has_pred: bool, multi: bool) -> list:
+    """Legend entries for what the overlay shows."""
+    handles = []
+    if has_ref:
+        handles.append(
+            Patch(
+                facecolor=to_rgba(REF_COLOUR, FILL_ALPHA),
+                edgecolor=REF_COLOUR,
+                label="reference infection",
+            )
+        )
+    if has_pred:
+        handles.append(Line2D([], [], color=PRED_COLOUR, lw=1.4, label="predicted infection"))
+    if multi and has_ref:
+        handles.append(
+            Line2D([], [], color=REF_LUNG_COLOUR, lw=0.8, ls="--", label="reference lungs")
+        )
+    if multi and has_pred:
+        handles.append(
+            Line2D([], [], color=PRED_LUNG_COLOUR, lw=0.8, ls=":", label="predicted lungs")
+        )
+    return handles
+
+
+def _caption(k: int, masks: Mapping[str, np.ndarray | None], infection: int) -> str:
+    """'slice k: ref N px, pred M px' (infection pixels; absent masks left out)."""
+    counts = [
+        f"{name} {int(np.count_nonzero(m[k] == infection))} px"
+        for name, m in masks.items()
+        if m is not None
+    ]
+    return f"slice {k}: " + ", ".join(counts) if counts else f"slice {k}"
+
+
+def _panel(
+    ax, image: np.ndarray, masks: Mapping[str, np.ndarray | None], k: int, names: Mapping[int, str]
+) -> None:
+    """One axial slice: grey CT, masks on top, side markers and caption."""
+    ax.imshow(image[k].astype(np.float32), cmap="gray", vmin=0.0, vmax=1.0)
+    for name, mask in masks.items():
+        if mask is not None:
+            _draw_masks(ax, mask[k], names, reference=name == "ref")
+    for x, side in ((0.02, "R"), (0.98, "L")):
+        ax.text(
+            x,
+            0.5,
+            side,
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            color="white",
+            fontsize=11,
+            fontweight="bold",
+            alpha=0.8,
+        )
+    ax.set_title(_caption(k, masks, _infection_label(names)), fontsize=10)
+    ax.set_axis_off()
+
+
+def overlay_slices(
+    image: np.ndarray,
+    reference: np.ndarray | None,
+    prediction: np.ndarray | None,
+    slices: list[int],
+    title: str,
+    path: Path,
+) -> Path:
+    """One panel per slice index: CT in grey, reference filled + outlined, prediction outlined.
+
+    `image` is (slices, H, W) in [0, 1]; masks are uint8 labels, binary (1 infection) or
+    multi-label (1 left lung, 2 right lung, 3 infection); either mask may be None. Pixel
+    size: (PANEL_INCHES x len(slices), PANEL_INCHES + OVERLAY_EXTRA_INCHES) x DPI.
+    """
+    if not slices:
+        raise ValueError("no slices to show")
+    masks = {"ref": reference, "pred": prediction}
+    names = _label_names(reference, prediction)
+    size = (PANEL_INCHES * len(slices), PANEL_INCHES + OVERLAY_EXTRA_INCHES)
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
+    for ax, k in zip(fig.subplots(1, len(slices), squeeze=False)[0], slices, strict=True):
+        _panel(ax, image, masks, k, names)
+    fig.suptitle(title, fontsize=13, fontweight="bold")
+    handles = _legend_handles(reference is not None, prediction is not None, names is MULTI_LABELS)
+    if handles:
+        fig.legend(
+            handles=handles,
+            loc="outside lower center",
+            ncols=len(handles),
+            frameon=False,
+            fontsize=10,
+        )
+    return _save(fig, path)
+
+
+def _value(row: Mapping[str, object], key: str) -> float:
+    """row[key] as a float; NaN when missing, empty or None."""
+    raw = row.get(key)
+    return math.nan if raw is None or raw == "" else float(raw)
+
+
+def per_case_bar(rows: list[dict], metric: str, path: Path, title: str = "") -> Path:
+    """Bars of `metric` per case, best first, with value labels and the mean as a dashed line.
+
+    Cases without a value (NaN) come last as hatched empty bars labelled n/a. Pixel size:
+    (max(6, 0.45 x cases + 2), BAR_HEIGHT_INCHES) x DPI.
+    """
+    if not rows:
+        raise ValueError("no cases to plot")
+    pairs = [(str(row["case"]), _value(row, metric)) for row in rows]
+    finite = sorted((p for p in pairs if not math.isnan(p[1])), key=lambda p: -p[1])
+    missing = sorted(p for p in pairs if math.isnan(p[1]))
+    label = METRIC_LABELS.get(metric, metric)
+    fig = Figure(
+        figsize=(max(6.0, 0.45 * len(pairs) + 2.0), BAR_HEIGHT_INCHES),
+        dpi=DPI,
+        layout="constrained",
+    )
+    ax = fig.subplots()
+    top = max((v for _, v in finite), default=1.0) or 1.0
+    bars = ax.bar(range(len(finite)), [v for _, v in finite], color=BAR_COLOUR, width=0.7)
+    fmt = "{:.3f}" if top <= 1.5 else "{:.1f}"
+    labels = ax.bar_label(bars, fmt=fmt, fontsize=8, padding=2)
+    for text in labels:  # keep labels readable where the mean line crosses them
+        text.set_bbox({"facecolor": "white", "edgecolor": "none", "pad": 0.5})
+    if missing:
+        empty = ax.bar(
+            range(len(finite), len(pairs)),
+            [top] * len(missing),
+            width=0.7,
+            fill=False,
+            hatch="///",
+            edgecolor="0.6",
+        )
+        ax.bar_label(empty, labels=["n/a"] * len(missing), fontsize=8, padding=2)
+    if finite:
+        mean = float(np.mean([v for _, v in finite]))
+        ax.axhline(
+            mean, color="0.2", ls="--", lw=1.2, label=f"mean {fmt.format(mean)} (n={len(finite)})"
+        )
+        ax.legend(frameon=False, loc="lower right", bbox_to_anchor=(1.0, 1.0))
+    ax.set_xticks(range(len(pairs)), [c for c, _ in finite + missing], rotation=45, ha="right")
+    ax.set_ylim(0.0, top * 1.12)
+    ax.set_ylabel(label)
+    ax.set_title(title or f"{label} per case", fontsize=12, fontweight="bold", loc="left")
+    ax.spines[["top", "right"]].set_visible(False)
+    return _save(fig, path)
+
+
+def _series(log: Sequence[Mapping[str, object]], key: str) -> np.ndarray:
+    """Column `key` of the log as floats, NaN where missing."""
+    return np.array([_value(row, key) for row in log], dtype=float)
+
+
+def _mark_best(axes: Sequence, epochs: np.ndarray, dice: np.ndarray) -> str:
+    """Star the best validation Dice, dot its epoch on every panel; returns a caption."""
+    best = int(np.nanargmax(dice))
+    for ax in axes:
+        ax.axvline(epochs[best], color="0.4", ls=":", lw=1.2)
+    axes[-1].plot(epochs[best], dice[best], marker="*", ms=15, color=BEST_COLOUR, ls="none")
+    return f"best {dice[best]:.3f} at epoch {epochs[best]:g}"
+
+
+def training_curves(log: list[dict], path: Path) -> Path:
+    """Losses (left) and validation Dice (right) per epoch, the best-Dice epoch marked.
+
+    Rows look like {"epoch": 1, "train_loss": .., "val_loss": .., "val_dice": ..} (values may
+    be strings, as read from CSV; missing ones are skipped). Pixel size: CURVES_INCHES x DPI.
+    """
+    if not log:
+        raise ValueError("empty training log")
+    epochs = _series(log, "epoch")
+    fig = Figure(figsize=CURVES_INCHES, dpi=DPI, layout="constrained")
+    ax_loss, ax_dice = fig.subplots(1, 2)
+    style = {"marker": "o" if len(log) <= 40 else None, "ms": 3, "lw": 1.5}
+    for key, name, colour in (
+        ("train_loss", "train", TRAIN_COLOUR),
+        ("val_loss", "validation", VAL_COLOUR),
+    ):
+        values = _series(log, key)
+        if np.isfinite(values).any():
+            ax_loss.plot(epochs, values, color=colour, label=name, **style)
+    dice, dice_title = _series(log, "val_dice"), "Validation Dice"
+    if np.isfinite(dice).any():
+        ax_dice.plot(epochs, dice, color=DICE_COLOUR, **style)
+        ax_dice.margins(y=0.1)
+        dice_title += f" ({_mark_best((ax_loss, ax_dice), epochs, dice)})"
+    for ax, name, ylabel in ((ax_loss, "Loss", "loss"), (ax_dice, dice_title, "Dice")):
+        ax.set(xlabel="epoch", ylabel=ylabel)
+        ax.set_title(name, fontsize=12, fontweight="bold")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+    if ax_loss.get_legend_handles_labels()[0]:
+        ax_loss.legend(frameon=False, loc="best")
+    return _save(fig, path)

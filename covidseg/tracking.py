@@ -1,0 +1,361 @@
+"""MLflow tracking: one run per pipeline run, and never a reason for training to stop.
+
+The default store is `<repo root>/mlflow.db` (artifacts in `<repo root>/mlartifacts`), with the
+root found even from the temporary copies that `dvc exp run --temp` and `--queue` work in
+(`<repo root>/.dvc/tmp/exps/...`), so that every experiment lands in the one real store.
+`MLFLOW_TRACKING_URI` points everything at a team server instead. This is the only module that
+imports mlflow, and it does so lazily: a broken install is one more tracking failure.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+import numpy as np
+import torch
+
+from covidseg.config import Params, flatten
+from covidseg.errors import CovidSegError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+T = TypeVar("T")
+
+WARNING = (
+    "warning: MLflow tracking failed ({reason}); continuing without it: "
+    "the files under metrics/ are the record"
+)
+MODEL_NAME = "model"  # the model's name inside its run
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+# Set for stage commands by `dvc exp run` (dvc/repo/experiments/queue/base.py).
+DVC_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev"}
+# An unreachable server costs seconds, not MLflow's default of minutes of retries.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
+
+def repo_root(cwd: Path | None = None) -> Path:
+    """The real repository root, also from inside DVC's temporary experiment workspaces."""
+    here = (cwd or Path.cwd()).absolute()
+    parts = here.parts
+    for i in range(1, len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return next((p for p in (here, *here.parents) if (p / ".dvc").is_dir()), here)
+
+
+def default_tracking_uri(root: Path) -> str:
+    """`sqlite:////abs/root/mlflow.db`."""
+    return f"sqlite:///{(root / 'mlflow.db').absolute()}"
+
+
+def tracking_uri(root: Path) -> str:
+    """`MLFLOW_TRACKING_URI` when set, else the repository's own sqlite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+
+
+def _use_store(root: Path) -> str:
+    """Point MLflow at the store (fail-fast HTTP settings unless the user chose some)."""
+    import mlflow
+
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _git_commit(cwd: Path) -> str | None:
+    """`git rev-parse HEAD` in `cwd`, or None outside a git repository."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and commit else None
+
+
+def _run_tags(stage: str) -> dict[str, str]:
+    """Stage, DVC experiment and git commit tags for the run."""
+    tags = {"stage": stage}
+    tags |= {tag: os.environ[var] for var, tag in DVC_TAGS.items() if os.environ.get(var)}
+    if commit := _git_commit(Path.cwd()):
+        tags[GIT_COMMIT_TAG] = commit
+    return tags
+
+
+def _run_name(params: Params) -> str:
+    name = f"{params.arch}-{params.encoder}"
+    exp = os.environ.get("DVC_EXP_NAME")
+    return f"{name} ({exp})" if exp else name
+
+
+def _param_text(value: Any) -> str:
+    """How a parameter value is stored (and compared when a run is reopened)."""
+    return str(value)
+
+
+def _short(error: BaseException, uri: str | None = None) -> str:
+    """One short line naming the failure (for network or disk trouble, its root cause)."""
+    root = error
+    while (cause := root.__cause__ or root.__context__) is not None:
+        root = cause
+    if isinstance(root, OSError) and root is not error:
+        text = f"{uri}: {type(root).__name__}: {root}" if uri else f"{type(root).__name__}: {root}"
+    else:
+        text = str(error) or type(error).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _requirements() -> list[str]:
+    """What loading the exported model needs; given explicitly, so nothing is inferred."""
+    version = importlib.metadata.version("torch").split("+")[0]
+    return [f"torch=={version}"]
+
+
+def _example_batch(example: np.ndarray) -> np.ndarray:
+    """float32, and at least two items so that the exported batch size stays free."""
+    example = np.asarray(example, dtype=np.float32)
+    return example if example.shape[0] > 1 else np.concatenate([example, example])
+
+
+class Tracker:
+    """One MLflow run. No method raises: the first failure prints one warning and turns it off."""
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self._client: MlflowClient | None = None
+        self._uri: str | None = None
+        self._off = False
+
+    @classmethod
+    def start(
+        cls,
+        params: Params,
+        *,
+        run_id: str | None = None,
+        stage: str,
+        root: Path | None = None,
+    ) -> Tracker:
+        """Open a new run (params logged), or reopen `run_id` to add to it."""
+        tracker = cls()
+        tracker._attempt(lambda: tracker._open(params, run_id, stage, root or repo_root()), None)
+        return tracker
+
+    @property
+    def active(self) -> bool:
+        """Whether calls still reach MLflow."""
+        return not self._off and self.run_id is not None
+
+    def log_metrics(self, metrics: dict[str, float | None], step: int | None = None) -> None:
+        """Log values at `step` (0 if None); None and NaN values are skipped."""
+        self._attempt(lambda: self._log_metrics(metrics, step), None)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Upload a file or a folder; a path that does not exist is skipped."""
+        self._attempt(lambda: self._log_artifact(Path(path), artifact_path), None)
+
+    def log_model(
+        self,
+        model: torch.nn.Module,
+        input_example: np.ndarray,
+        *,
+        registered_name: str | None,
+        alias: str | None,
+    ) -> str | None:
+        """Log `model` (torch.export on the CPU in float32; any batch size, the example's other
+        dimensions), register it and alias it. Its URI, or None if that failed."""
+        return self._attempt(
+            lambda: self._log_model(model, input_example, registered_name, alias), None
+        )
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Close the run with `status`; later calls do nothing."""
+        self._attempt(lambda: self._end(status), None)
+        self._off = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if kind is None:
+            self.end("FINISHED")
+        else:
+            self.end("KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED")
+
+    def _attempt(self, action: Callable[[], T], default: T) -> T:
+        """Run `action` unless turned off; on failure warn once and turn off."""
+        if self._off:
+            return default
+        try:
+            return action()
+        except Exception as error:
+            self._off = True
+            reason = _short(error, self._uri)
+            print(WARNING.format(reason=reason), file=sys.stderr, flush=True)
+            return default
+
+    def _end(self, status: str) -> None:
+        client, run_id = self._target()
+        client.set_terminated(run_id, status)
+
+    def _target(self) -> tuple[MlflowClient, str]:
+        if self._client is None or self.run_id is None:
+            raise RuntimeError("no MLflow run is open")
+        return self._client, self.run_id
+
+    def _open(self, params: Params, run_id: str | None, stage: str, root: Path) -> None:
+        from mlflow import MlflowClient
+
+        self._uri = uri = _use_store(root)
+        self._client = MlflowClient(uri)
+        tags = _run_tags(stage)
+        if run_id and self._reopen(run_id, params, tags):
+            return
+        location = (root / "mlartifacts").absolute().as_uri()
+        forced = location if uri == default_tracking_uri(root) else None
+        self._create(params, tags, self._experiment_id(params.tracking.experiment, forced))
+
+    def _experiment_id(self, name: str, artifact_location: str | None) -> str:
+        """The experiment's id, created (with `artifact_location`) if need be."""
+        from mlflow.exceptions import MlflowException
+
+        client = self._client
+        assert client is not None
+        if found := client.get_experiment_by_name(name):
+            return found.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as error:  # a parallel queued experiment may have won the race
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            found = client.get_experiment_by_name(name)
+            assert found is not None
+            return found.experiment_id
+
+    def _create(self, params: Params, tags: dict[str, str], experiment_id: str) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking.context.registry import resolve_tags
+
+        client = self._client
+        assert client is not None
+        run = client.create_run(experiment_id, tags=resolve_tags(tags), run_name=_run_name(params))
+        self.run_id = run.info.run_id
+        values = [Param(key, _param_text(value)) for key, value in flatten(params).items()]
+        client.log_batch(self.run_id, params=values)
+
+    def _reopen(self, run_id: str, params: Params, tags: dict[str, str]) -> bool:
+        """Reopen `run_id`; False when the store does not hold it (a new run is made instead)."""
+        from mlflow.entities import Param, RunStatus, RunTag
+        from mlflow.exceptions import MlflowException
+
+        client = self._client
+        assert client is not None
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            run = None
+        if run is None or run.info.lifecycle_stage == "deleted":
+            print(
+                f"note: MLflow run {run_id} is not in this store; starting a new one",
+                file=sys.stderr,
+            )
+            return False
+        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        self.run_id = run_id
+        known = run.data.params
+        flat = {key: _param_text(value) for key, value in flatten(params).items()}
+        new = [Param(key, value) for key, value in flat.items() if key not in known]
+        changed = {f"param_changed.{k}": v for k, v in flat.items() if known.get(k, v) != v}
+        tag_list = [RunTag(key, value) for key, value in (tags | changed).items()]
+        client.log_batch(run_id, params=new, tags=tag_list)
+        return True
+
+    def _log_metrics(self, metrics: dict[str, float | None], step: int | None) -> None:
+        from mlflow.entities import Metric
+
+        client, run_id = self._target()
+        now = int(time.time() * 1000)
+        values = {key: float(value) for key, value in metrics.items() if value is not None}
+        batch = [Metric(k, v, now, step or 0) for k, v in values.items() if not math.isnan(v)]
+        if batch:
+            client.log_batch(run_id, metrics=batch)
+
+    def _log_artifact(self, path: Path, artifact_path: str | None) -> None:
+        client, run_id = self._target()
+        if path.is_dir():
+            client.log_artifacts(run_id, str(path), artifact_path)
+        elif path.exists():
+            client.log_artifact(run_id, str(path), artifact_path)
+
+    def _log_model(
+        self,
+        model: torch.nn.Module,
+        input_example: np.ndarray,
+        registered_name: str | None,
+        alias: str | None,
+    ) -> str:
+        import mlflow.pytorch
+        from mlflow.models import infer_signature
+
+        client, run_id = self._target()
+        # MLflow files a logged model under the active experiment, not under its run's
+        mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
+        example = _example_batch(input_example)
+        cpu_model = copy.deepcopy(model).float().cpu().eval()
+        with torch.no_grad():
+            output = cpu_model(torch.from_numpy(example)).numpy()
+        info = mlflow.pytorch.log_model(
+            cpu_model,
+            name=MODEL_NAME,
+            signature=infer_signature(example, output),
+            input_example=example,
+            pip_requirements=_requirements(),
+            registered_model_name=registered_name,
+            serialization_format="pt2",
+            run_id=run_id,
+        )
+        if registered_name is None:
+            return info.model_uri
+        version = str(info.registered_model_version)
+        if alias is None:
+            return f"models:/{registered_name}/{version}"
+        if alias.lower() == "latest":  # reserved by MLflow, and already what /latest resolves to
+            return f"models:/{registered_name}/latest"
+        client.set_registered_model_alias(registered_name, alias, version)
+        return f"models:/{registered_name}@{alias}"
+
+
+def load_model(uri: str, *, root: Path | None = None) -> torch.nn.Module:
+    """Load a logged model (`models:/<name>@<alias>`, `runs:/...`) on the CPU."""
+    try:
+        import mlflow.pytorch
+
+        _use_store(root or repo_root())
+        return mlflow.pytorch.load_model(uri)
+    except Exception as error:
+        raise CovidSegError(f"cannot load the model {uri}: {_short(error)}") from None

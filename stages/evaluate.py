@@ -1,0 +1,38 @@
+"""DVC stage `evaluate`: per-case 3D metrics of the best model on the test cases, and figures."""
+
+import argparse
+from pathlib import Path
+
+from covidseg.config import load_params
+from covidseg.evaluate import EvalPaths, evaluate
+from covidseg.stage import run_stage
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", type=Path, required=True, help="prepared stores")
+    parser.add_argument("--raw", type=Path, required=True, help="extracted archives (references)")
+    parser.add_argument("--splits", type=Path, required=True, help="splits.json")
+    parser.add_argument("--model", type=Path, required=True, help="trained model folder")
+    parser.add_argument("--metrics", type=Path, required=True, help="evaluate.json to write")
+    parser.add_argument("--per-case", type=Path, required=True, help="per_case.csv to write")
+    parser.add_argument("--reports", type=Path, required=True, help="figures folder to write")
+    parser.add_argument("--train-log", type=Path, default=None, help="per-epoch CSV to plot")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args()
+    params = load_params(args.params)
+    paths = EvalPaths(
+        args.data,
+        args.raw,
+        args.splits,
+        args.model,
+        args.metrics,
+        args.per_case,
+        args.reports,
+        args.train_log,
+    )
+    evaluate(params, paths)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,198 @@
+"""`prepare` on synthetic phantoms: orientation, intensities, stores, integrity checks."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+from phantoms import PhantomCase, nifti_gz_bytes
+
+from covidseg import CovidSegError
+from covidseg.config import DownloadParams, PrepareParams, SplitParams
+from covidseg.download import fetch_archives
+from covidseg.prepare import prepare_dataset
+from covidseg.store import read_meta
+
+PREPARE = PrepareParams(image_size=64, image_dtype="float32")
+SPLIT = SplitParams(scheme="kfold", n_folds=3, fold=0, val_fraction=0.5)
+
+
+@pytest.fixture
+def raw_dir(mirror, tmp_path: Path) -> Path:
+    """The phantom archives extracted by the real download code from a folder mirror."""
+    params = DownloadParams(base_url=str(mirror.dir), sha256=mirror.sha256)
+    fetch_archives(params, cache_dir=tmp_path / "downloads", raw_dir=tmp_path / "raw")
+    return tmp_path / "raw"
+
+
+def canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Independent route to (slice, row, col) = (S, P, L): nibabel's RAS, then transpose/flip."""
+    ras = np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(array, affine)).dataobj)
+    return ras.transpose(2, 1, 0)[:, ::-1, ::-1]
+
+
+def padded(stack: np.ndarray, size: int) -> np.ndarray:
+    """Centre-pad (slices, H, W) with zeros to (slices, size, size)."""
+    rows, cols = stack.shape[1:]
+    top, left = (size - rows) // 2, (size - cols) // 2
+    out = np.zeros((stack.shape[0], size, size), stack.dtype)
+    out[:, top : top + rows, left : left + cols] = stack
+    return out
+
+
+def run_prepare(raw_dir: Path, out: Path, **changes) -> dict:
+    params = PREPARE.model_copy(update=changes)
+    return prepare_dataset(params, SPLIT, raw_dir, out / "prepared", out / "splits.json")
+
+
+def test_stores_hold_reoriented_masks_and_counts(raw_dir, tmp_path, phantom_cases):
+    run_prepare(raw_dir, tmp_path)
+    for case in phantom_cases:
+        with h5py.File(tmp_path / "prepared" / f"{case.name}.h5") as f:
+            mask, lung, image = f["mask"][()], f["lung"][()], f["image"]
+            assert image.shape == (case.image.shape[2], 64, 64)
+            assert image.chunks == (1, 64, 64) and image.compression == "gzip"
+            assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1}
+            assert int(mask.sum()) == case.lesion_voxels
+            expected = padded(canonical(case.infection, case.affine), 64)
+            np.testing.assert_array_equal(mask, expected)
+            np.testing.assert_array_equal(lung, padded(canonical(case.lung, case.affine), 64))
+            flags = f.attrs["slice_has_infection"]
+            np.testing.assert_array_equal(flags, expected.any(axis=(1, 2)))
+            assert 0 < flags.sum() < len(flags)
+
+
+def test_left_lung_is_on_the_viewers_right(raw_dir, tmp_path, phantom_cases):
+    """Radiological display: patient's left (label 1) at high column indices in every case."""
+    run_prepare(raw_dir, tmp_path)
+    for case in phantom_cases:
+        with h5py.File(tmp_path / "prepared" / f"{case.name}.h5") as f:
+            cols = np.nonzero(f["lung"][()])[2]
+            labels = f["lung"][()][np.nonzero(f["lung"][()])]
+            assert cols[labels == 1].mean() > cols[labels == 2].mean(), case.name
+
+
+def test_same_hu_same_value_in_both_encodings(raw_dir, tmp_path, phantom_cases):
+    run_prepare(raw_dir, tmp_path)
+    by_encoding = {}
+    for case in phantom_cases:
+        meta = read_meta(tmp_path / "prepared" / f"{case.name}.h5")
+        assert meta.encoding == case.encoding
+        with h5py.File(tmp_path / "prepared" / f"{case.name}.h5") as f:
+            image = f["image"][()]
+        hu = padded(canonical(case.hu.astype(np.float32), case.affine), 64)
+        body = padded(np.ones_like(canonical(case.hu, case.affine), bool), 64)
+        expected = (np.clip(hu, -1250, 250) + 1250) / 1500
+        # uint8 encoding quantises HU in steps of 1500/255: half a step in [0, 1] units
+        tolerance = 0.5 / 255 + 1e-6 if case.encoding == "uint8" else 1e-6
+        np.testing.assert_allclose(image[body], expected[body], atol=tolerance)
+        by_encoding[case.encoding] = np.median(image[body & (hu < -700) & (hu > -900)])
+    assert abs(by_encoding["hu"] - by_encoding["uint8"]) <= 0.5 / 255 + 1e-6
+
+
+def test_attributes_and_resize(raw_dir, tmp_path, phantom_cases):
+    run_prepare(raw_dir, tmp_path, image_size=32)
+    case = next(c for c in phantom_cases if c.name.startswith("radiopaedia"))
+    meta = read_meta(tmp_path / "prepared" / f"{case.name}.h5")
+    assert meta.original_shape == (10, 40, 64)
+    assert meta.original_spacing == pytest.approx((6.0, 0.7, 0.7))
+    assert meta.spacing == pytest.approx((6.0, 1.4, 1.4))  # 64 -> 32 halves the resolution
+    assert meta.case == case.name and meta.hu_window == (-1250.0, 250.0)
+    with h5py.File(tmp_path / "prepared" / f"{case.name}.h5") as f:
+        assert f["image"].shape == (10, 32, 32)
+        assert set(np.unique(f["mask"][()])) <= {0, 1}
+        assert abs(int(f["mask"][()].sum()) * 4 - case.lesion_voxels) < 0.35 * case.lesion_voxels
+
+
+def test_reruns_are_byte_identical(raw_dir, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    run_prepare(raw_dir, first, image_dtype="float16")
+    run_prepare(raw_dir, second, image_dtype="float16")
+    digests = [
+        {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (d / "prepared").iterdir()}
+        for d in (first, second)
+    ]
+    assert digests[0] == digests[1] and len(digests[0]) == 3
+    assert (first / "splits.json").read_bytes() == (second / "splits.json").read_bytes()
+
+
+def test_lung_infection_target(raw_dir, tmp_path, phantom_cases):
+    run_prepare(raw_dir, tmp_path, target="lung_infection")
+    case = phantom_cases[0]
+    with h5py.File(tmp_path / "prepared" / f"{case.name}.h5") as f:
+        mask = f["mask"][()]
+    expected = padded(canonical(case.lung_and_infection, case.affine), 64)
+    np.testing.assert_array_equal(mask, expected)
+
+
+def replace_member(raw_dir: Path, archive: str, case: str, data: np.ndarray, affine) -> None:
+    (raw_dir / archive / f"{case}.nii.gz").write_bytes(nifti_gz_bytes(data, affine))
+
+
+def corrupt(raw_dir: Path, case: PhantomCase, kind: str) -> str:
+    """Break one input in one way; return the text the error must contain."""
+    image_dir = raw_dir / "COVID-19-CT-Seg_20cases"
+    if kind == "gzip":
+        path = image_dir / f"{case.name}.nii.gz"
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) * 3 // 5])
+        return "cannot read"
+    if kind == "shape":
+        replace_member(raw_dir, "Infection_Mask", case.name, case.infection[:-1], case.affine)
+        return "shape"
+    if kind == "affine":
+        moved = case.affine.copy()
+        moved[0, 3] += 2.0
+        replace_member(raw_dir, "Infection_Mask", case.name, case.infection, moved)
+        return "affine"
+    if kind == "nan":
+        image = case.image.astype(np.float32)
+        image[0, 0, 0] = np.nan
+        replace_member(raw_dir, "COVID-19-CT-Seg_20cases", case.name, image, case.affine)
+        return "NaN"
+    if kind == "labels":
+        replace_member(raw_dir, "Infection_Mask", case.name, case.infection * 2, case.affine)
+        return "values [2]"
+    if kind == "partner":
+        (raw_dir / "Lung_Mask" / f"{case.name}.nii.gz").unlink()
+        return "no partner mask in Lung_Mask"
+    if kind == "encoding":
+        hu_like = case.image.astype(np.int16) * 4 - 1000
+        replace_member(raw_dir, "COVID-19-CT-Seg_20cases", case.name, hu_like, case.affine)
+        return "encoding"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind", ["gzip", "shape", "affine", "nan", "labels", "partner", "encoding"]
+)
+def test_bad_input_is_one_clear_error_and_nothing_written(raw_dir, tmp_path, phantom_cases, kind):
+    case = next(c for c in phantom_cases if c.name.startswith("radiopaedia"))
+    good = tmp_path / "good"
+    run_prepare(raw_dir, good)
+    before = sorted(p.name for p in (good / "prepared").iterdir())
+    expected = corrupt(raw_dir, case, kind)
+    with pytest.raises(CovidSegError) as error:
+        run_prepare(raw_dir, good)
+    message = str(error.value)
+    assert case.name in message and expected in message and "\n" not in message
+    assert sorted(p.name for p in (good / "prepared").iterdir()) == before  # old output intact
+    assert not [p for p in good.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    fresh = tmp_path / "fresh"
+    with pytest.raises(CovidSegError):
+        run_prepare(raw_dir, fresh)
+    assert not (fresh / "prepared").exists() and not (fresh / "splits.json").exists()
+
+
+def test_mask_without_image_is_named(raw_dir, tmp_path):
+    shutil.copy(
+        raw_dir / "Infection_Mask" / "coronacases_001.nii.gz",
+        raw_dir / "Infection_Mask" / "coronacases_009.nii.gz",
+    )
+    with pytest.raises(CovidSegError, match="coronacases_009: mask in Infection_Mask has no CT"):
+        run_prepare(raw_dir, tmp_path)
