@@ -87,6 +87,12 @@ class SplitParams(_Section):
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
     seed: int = 0
 
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _yaml11_int(cls, value: Any) -> Any:
+        # YAML 1.1 readers (PyYAML) load an unquoted 16_4 as the integer 164.
+        return {164: "16_4", 416: "4_16"}.get(value, value) if isinstance(value, int) else value
+
     @model_validator(mode="after")
     def _fold_in_range(self) -> SplitParams:
         folds = 5 if self.scheme == "benchmark" else self.n_folds

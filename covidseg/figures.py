@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.artist import Artist
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
@@ -86,14 +88,14 @@ def pick_slices(reference: np.ndarray, n: int = 2) -> list[int]:
     return [int(ranked[r]) for r in dict.fromkeys(ranks.tolist())]
 
 
-def _fill(ax, mask: np.ndarray, colour: str) -> None:
+def _fill(ax: Axes, mask: np.ndarray, colour: str) -> None:
     """Translucent filled overlay of a boolean slice."""
     rgba = np.zeros((*mask.shape, 4), dtype=np.float32)
     rgba[mask] = to_rgba(colour, FILL_ALPHA)
     ax.imshow(rgba, interpolation="nearest")
 
 
-def _outline(ax, mask: np.ndarray, colour: str, width: float, style: str = "solid") -> None:
+def _outline(ax: Axes, mask: np.ndarray, colour: str, width: float, style: str = "solid") -> None:
     """Contour of a boolean slice (nothing when it is empty)."""
     if mask.any():
         ax.contour(
@@ -105,7 +107,7 @@ def _outline(ax, mask: np.ndarray, colour: str, width: float, style: str = "soli
         )
 
 
-def _draw_masks(ax, mask: np.ndarray, names: Mapping[int, str], reference: bool) -> None:
+def _draw_masks(ax: Axes, mask: np.ndarray, names: Mapping[int, str], reference: bool) -> None:
     """Reference: infection filled + outlined; prediction: outlined. Lung fields thin, dashed."""
     infection = mask == _infection_label(names)
     lungs = mask > 0 if len(names) > 1 else np.zeros_like(infection)
@@ -118,9 +120,9 @@ def _draw_masks(ax, mask: np.ndarray, names: Mapping[int, str], reference: bool)
         _outline(ax, lungs, PRED_LUNG_COLOUR, 0.8, "dotted")
 
 
-def _legend_handles(has_ref: bool, has_pred: bool, multi: bool) -> list:
+def _legend_handles(has_ref: bool, has_pred: bool, multi: bool) -> list[Artist]:
     """Legend entries for what the overlay shows."""
-    handles = []
+    handles: list[Artist] = []
     if has_ref:
         handles.append(
             Patch(
@@ -153,7 +155,11 @@ def _caption(k: int, masks: Mapping[str, np.ndarray | None], infection: int) -> 
 
 
 def _panel(
-    ax, image: np.ndarray, masks: Mapping[str, np.ndarray | None], k: int, names: Mapping[int, str]
+    ax: Axes,
+    image: np.ndarray,
+    masks: Mapping[str, np.ndarray | None],
+    k: int,
+    names: Mapping[int, str],
 ) -> None:
     """One axial slice: grey CT, masks on top, side markers and caption."""
     ax.imshow(image[k].astype(np.float32), cmap="gray", vmin=0.0, vmax=1.0)
@@ -218,8 +224,15 @@ def _value(row: Mapping[str, object], key: str) -> float:
     return math.nan if raw is None or raw == "" else float(raw)
 
 
+def _missing_bars(ax: Axes, start: int, count: int, height: float) -> None:
+    """Hatched empty bars labelled n/a for cases without a value."""
+    x = range(start, start + count)
+    bars = ax.bar(x, [height] * count, width=0.7, fill=False, hatch="///", edgecolor="0.6")
+    ax.bar_label(bars, labels=["n/a"] * count, fontsize=8, padding=2)
+
+
 def per_case_bar(rows: list[dict], metric: str, path: Path, title: str = "") -> Path:
-    """Bars of `metric` per case, best first, with value labels and the mean as a dashed line.
+    """Bars of `metric` per case, highest first, value labels, the mean as a dashed line.
 
     Cases without a value (NaN) come last as hatched empty bars labelled n/a. Pixel size:
     (max(6, 0.45 x cases + 2), BAR_HEIGHT_INCHES) x DPI.
@@ -229,35 +242,24 @@ def per_case_bar(rows: list[dict], metric: str, path: Path, title: str = "") -> 
     pairs = [(str(row["case"]), _value(row, metric)) for row in rows]
     finite = sorted((p for p in pairs if not math.isnan(p[1])), key=lambda p: -p[1])
     missing = sorted(p for p in pairs if math.isnan(p[1]))
-    label = METRIC_LABELS.get(metric, metric)
-    fig = Figure(
-        figsize=(max(6.0, 0.45 * len(pairs) + 2.0), BAR_HEIGHT_INCHES),
-        dpi=DPI,
-        layout="constrained",
-    )
+    width = max(6.0, 0.45 * len(pairs) + 2.0)
+    fig = Figure(figsize=(width, BAR_HEIGHT_INCHES), dpi=DPI, layout="constrained")
     ax = fig.subplots()
-    top = max((v for _, v in finite), default=1.0) or 1.0
-    bars = ax.bar(range(len(finite)), [v for _, v in finite], color=BAR_COLOUR, width=0.7)
+    values = [v for _, v in finite]
+    top = max(values, default=1.0) or 1.0
     fmt = "{:.3f}" if top <= 1.5 else "{:.1f}"
-    labels = ax.bar_label(bars, fmt=fmt, fontsize=8, padding=2)
-    for text in labels:  # keep labels readable where the mean line crosses them
-        text.set_bbox({"facecolor": "white", "edgecolor": "none", "pad": 0.5})
+    bars = ax.bar(range(len(values)), values, color=BAR_COLOUR, width=0.7)
+    for text in ax.bar_label(bars, fmt=fmt, fontsize=8, padding=2):
+        text.set_bbox({"facecolor": "white", "edgecolor": "none", "pad": 0.5})  # over the mean
     if missing:
-        empty = ax.bar(
-            range(len(finite), len(pairs)),
-            [top] * len(missing),
-            width=0.7,
-            fill=False,
-            hatch="///",
-            edgecolor="0.6",
-        )
-        ax.bar_label(empty, labels=["n/a"] * len(missing), fontsize=8, padding=2)
-    if finite:
-        mean = float(np.mean([v for _, v in finite]))
+        _missing_bars(ax, len(values), len(missing), top)
+    if values:
+        mean = float(np.mean(values))
         ax.axhline(
-            mean, color="0.2", ls="--", lw=1.2, label=f"mean {fmt.format(mean)} (n={len(finite)})"
+            mean, color="0.2", ls="--", lw=1.2, label=f"mean {fmt.format(mean)} (n={len(values)})"
         )
         ax.legend(frameon=False, loc="lower right", bbox_to_anchor=(1.0, 1.0))
+    label = METRIC_LABELS.get(metric, metric)
     ax.set_xticks(range(len(pairs)), [c for c, _ in finite + missing], rotation=45, ha="right")
     ax.set_ylim(0.0, top * 1.12)
     ax.set_ylabel(label)
@@ -271,7 +273,7 @@ def _series(log: Sequence[Mapping[str, object]], key: str) -> np.ndarray:
     return np.array([_value(row, key) for row in log], dtype=float)
 
 
-def _mark_best(axes: Sequence, epochs: np.ndarray, dice: np.ndarray) -> str:
+def _mark_best(axes: Sequence[Axes], epochs: np.ndarray, dice: np.ndarray) -> str:
     """Star the best validation Dice, dot its epoch on every panel; returns a caption."""
     best = int(np.nanargmax(dice))
     for ax in axes:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import Run
 
 from covidseg.config import EvaluateParams, Params, TrackingParams
 from covidseg.errors import CovidSegError
@@ -64,7 +65,7 @@ def params(experiment: str, **sections: object) -> Params:
     return Params.model_validate({"tracking": tracking, **sections})
 
 
-def runs(repo: Path, experiment: str) -> list:
+def runs(repo: Path, experiment: str) -> list[Run]:
     client = MlflowClient(default_tracking_uri(repo))
     found = client.get_experiment_by_name(experiment)
     assert found is not None
@@ -110,8 +111,9 @@ def test_run_records_params_metrics_artifact_and_model(repo: Path, tmp_path: Pat
     assert uri == "models:/records@candidate"
     version = client.get_model_version_by_alias("records", "candidate")
     assert version.run_id == tracker.run_id
-    logged = client.get_logged_model(version.model_id)  # filed with its run, in the repo's store
-    assert logged.experiment_id == run.info.experiment_id
+    [logged] = client.search_logged_models([run.info.experiment_id])  # filed with its run
+    assert version.source == f"models:/{logged.model_id}"
+    assert logged.source_run_id == tracker.run_id
     assert logged.artifact_location.startswith(experiment.artifact_location + "/")
     assert not (repo / "mlruns").exists()
     loaded = load_model(uri, root=repo)
@@ -136,7 +138,7 @@ def test_reopening_by_run_id_adds_to_the_same_run(
     repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     workspace = repo / ".dvc" / "tmp" / "exps" / "standalone" / "tmpabc"
-    workspace.mkdir(parents=True)
+    (workspace / ".dvc").mkdir(parents=True)  # a copy of the repository, .dvc/ included
     monkeypatch.chdir(workspace)  # as in `dvc exp run --temp`: the store is the real repo's
     with Tracker.start(params("reopen"), stage="train") as train:
         train.log_metrics({"val.dice": 0.7}, step=3)

@@ -1,0 +1,55 @@
+"""Timing and table helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
+    """(wall seconds, result) of one call."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def median(values: Sequence[float]) -> float:
+    """Median of the repeats (the noise on a shared 2-core machine is large)."""
+    return float(statistics.median(values))
+
+
+def spread(values: Sequence[float]) -> str:
+    """`min-max` of the repeats, for the noise column."""
+    return f"{min(values):.3g}-{max(values):.3g}" if len(values) > 1 else "-"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain fixed-width table."""
+    cells = [[str(c) for c in header], *[[_cell(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def machine_note() -> str:
+    """One line on the conditions: cores and current load (other jobs share this machine)."""
+    load = os.getloadavg()[0]
+    return f"cores: {os.cpu_count()}, load average (1 min) at start: {load:.2f}"
+
+
+def verdict(ratio: float, goal: float) -> str:
+    """`ratio 1.23x (goal <= 1.5x): met` or `... not met`."""
+    state = "met" if ratio <= goal else "NOT met"
+    return f"{ratio:.2f}x (goal <= {goal:.2f}x): {state}"

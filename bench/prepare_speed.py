@@ -1,0 +1,199 @@
+"""`prepare` speed on a full-size synthetic coronacases-like case against its bare I/O.
+
+Stage: `covidseg.prepare.prepare_dataset` over two cases (the same NIfTI files under two names,
+hard-linked, because a k-fold split needs two patients); times are per case. Bare I/O: nibabel
+decode of image and mask plus an h5py write of the same result arrays with the same dtype,
+chunks and `covidseg.store.COMPRESSION`. Parts: the functions `prepare_case` calls, one by one.
+
+Usage: .venv/bin/python bench/prepare_speed.py [--quick] [--repeats N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+from _report import machine_note, median, spread, table, timed, verdict
+from _synth import make_phantom, write_nifti
+
+from covidseg.config import PrepareParams, SplitParams
+from covidseg.intensity import check_encoding, normalise
+from covidseg.prepare import prepare_case, prepare_dataset, target_mask
+from covidseg.resample import to_square
+from covidseg.store import COMPRESSION, CaseMeta, write_store
+from covidseg.volumes import (
+    IMAGE_ARCHIVE,
+    INFECTION_ARCHIVE,
+    CaseFiles,
+    LoadedCase,
+    affines_match,
+    check_finite,
+    check_mask,
+    read_nifti,
+    reorient,
+)
+
+GOAL = 1.5
+CASES = ("coronacases_001", "coronacases_002")
+CONFIGS = ((512, "gzip"), (512, "lzf"), (512, "none"), (256, "gzip"))
+PARTS = ("decode", "checks", "reorient", "normalise", "resize", "cast", "target", "write")
+
+
+def write_raw(raw: Path, slices: int) -> None:
+    """One phantom case in the Zenodo layout, hard-linked under a second case name."""
+    phantom = make_phantom(slices, 512, seed=0)
+    for archive, array in ((IMAGE_ARCHIVE, phantom.hu), (INFECTION_ARCHIVE, phantom.infection)):
+        first = raw / archive / f"{CASES[0]}.nii.gz"
+        write_nifti(first, array)
+        os.link(first, raw / archive / f"{CASES[1]}.nii.gz")
+
+
+def case_files(raw: Path, name: str) -> CaseFiles:
+    """The files of one case, as `find_cases` pairs them."""
+    mask = raw / INFECTION_ARCHIVE / f"{name}.nii.gz"
+    return CaseFiles(name, raw / IMAGE_ARCHIVE / f"{name}.nii.gz", {INFECTION_ARCHIVE: mask})
+
+
+def run_stage(raw: Path, work: Path, params: PrepareParams) -> float:
+    """Seconds per case of the real stage function."""
+    out = work / "prepared"
+    split = SplitParams(scheme="kfold", n_folds=2)
+    seconds, _ = timed(lambda: prepare_dataset(params, split, raw, out, work / "splits.json"))
+    shutil.rmtree(out)
+    return seconds / len(CASES)
+
+
+def decode(path: Path) -> np.ndarray:
+    """Bare nibabel decode of one volume."""
+    return np.asanyarray(nib.load(path).dataobj)
+
+
+def bare_write(path: Path, arrays: dict[str, np.ndarray], compression: str) -> None:
+    """Bare h5py write: same dtypes, one slice per chunk, same filters."""
+    with h5py.File(path, "w") as f:
+        for name, array in arrays.items():
+            chunks = (1, *array.shape[1:])
+            f.create_dataset(
+                name, data=array, chunks=chunks, track_times=False, **COMPRESSION[compression]
+            )
+
+
+def run_bare(raw: Path, work: Path, arrays: dict[str, np.ndarray], compression: str) -> float:
+    """Seconds per case of decode (image + mask) and write (the stage's result arrays)."""
+
+    def once() -> None:
+        for name in CASES:
+            files = case_files(raw, name)
+            decode(files.image)
+            decode(files.masks[INFECTION_ARCHIVE])
+            bare_write(work / f"{name}.h5", arrays, compression)
+
+    seconds, _ = timed(once)
+    return seconds / len(CASES)
+
+
+def profile_parts(files: CaseFiles, params: PrepareParams, work: Path) -> dict[str, float]:
+    """Seconds per step of `load_case` + `prepare_case` + `write_store`, called one by one."""
+    t: dict[str, float] = {}
+    mask_path = files.masks[INFECTION_ARCHIVE]
+    t["decode"], ((data, affine), (mask, mask_affine)) = timed(
+        lambda: (read_nifti(files.image, files.name), read_nifti(mask_path, files.name))
+    )
+
+    def checks() -> tuple[str, np.ndarray]:
+        check_finite(data, files.name, "image")
+        assert mask.shape == data.shape and affines_match(mask_affine, affine)
+        checked = check_mask(mask, files.name, INFECTION_ARCHIVE)
+        return check_encoding(data, files.name), checked
+
+    t["checks"], (encoding, checked) = timed(checks)
+    t["reorient"], (image, oriented) = timed(
+        lambda: (reorient(data, affine), reorient(checked, affine).data)
+    )
+    t["normalise"], norm = timed(lambda: normalise(image.data, encoding, params.hu_window))
+    size = params.image_size
+    t["resize"], (square, mask_sq) = timed(
+        lambda: (to_square(norm, size, labels=False), to_square(oriented, size, True))
+    )
+    t["cast"], stored = timed(lambda: square.astype(params.image_dtype))
+    loaded = LoadedCase(files.name, image, {INFECTION_ARCHIVE: oriented})
+    t["target"], flags = timed(
+        lambda: (target_mask(loaded, params.target), (mask_sq == 1).any(axis=(1, 2)))
+    )
+    meta = dummy_meta(files.name, image.data.shape, flags)
+    arrays = {"image": stored, "mask": mask_sq}
+    t["write"], _ = timed(lambda: write_store(work / "parts.h5", arrays, meta, params.compression))
+    return t
+
+
+def dummy_meta(name: str, shape: tuple[int, ...], flags: tuple) -> CaseMeta:
+    """Attributes of the right kinds (their values do not change the write cost)."""
+    return CaseMeta(
+        case=name,
+        encoding="hu",
+        target="infection",
+        original_shape=shape,
+        original_spacing=(1.0, 0.7, 0.7),
+        spacing=(1.0, 0.7, 0.7),
+        affine=np.eye(4).tolist(),
+        hu_window=(-1250.0, 250.0),
+        slice_has_infection=tuple(int(v) for v in flags[1]),
+    )
+
+
+def bench_config(
+    raw: Path, work: Path, size: int, compression: str, repeats: int
+) -> tuple[list[object], dict[str, float]]:
+    """Median stage and bare seconds per case, and the median parts, for one config."""
+    params = PrepareParams(image_size=size, compression=compression)
+    files = case_files(raw, CASES[0])
+    arrays, _ = prepare_case(files, params)
+    stage, bare, parts = [], [], []
+    for _ in range(repeats):
+        stage.append(run_stage(raw, work, params))
+        bare.append(run_bare(raw, work, arrays, compression))
+        parts.append(profile_parts(files, params, work))
+    store_mb = (work / "parts.h5").stat().st_size / 2**20
+    med_parts = {k: median([p[k] for p in parts]) for k in PARTS}
+    s, b = median(stage), median(bare)
+    row = [f"{size} {compression}", s, spread(stage), b, spread(bare), s / b, f"{store_mb:.0f}"]
+    return row, med_parts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 repeats instead of 3")
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args()
+    repeats = args.repeats or (2 if args.quick else 3)
+    print(machine_note(), f"| repeats: {repeats} (median shown)")
+    with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
+        raw, work = Path(tmp) / "raw", Path(tmp) / "work"
+        work.mkdir()
+        write_raw(raw, slices=300)
+        image_mb = (raw / IMAGE_ARCHIVE / f"{CASES[0]}.nii.gz").stat().st_size / 2**20
+        print(f"case: int16 512x512x300 on disk ({image_mb:.0f} MiB .nii.gz, raw 150 MiB)")
+        results = [bench_config(raw, work, size, comp, repeats) for size, comp in CONFIGS]
+    print_results(results)
+
+
+def print_results(results: list[tuple[list[object], dict[str, float]]]) -> None:
+    """The stage-vs-bare table, the parts table, and the goal line."""
+    header = ["size comp", "stage s", "range", "bare s", "range", "ratio", "h5 MiB"]
+    print("\nper case: prepare_dataset vs bare decode + h5py write")
+    print(table(header, [row for row, _ in results]))
+    print("\nwhere the stage's time goes (s per case, parts called one by one):")
+    rows = [[row[0], *(parts[k] for k in PARTS), sum(parts.values())] for row, parts in results]
+    print(table(["size comp", *PARTS, "sum"], rows))
+    for row, _ in results:
+        print(f"ratio {row[0]}: {verdict(float(row[5]), GOAL)}")
+
+
+if __name__ == "__main__":
+    main()

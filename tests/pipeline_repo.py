@@ -1,0 +1,90 @@
+"""A throwaway copy of the project in a fresh git + DVC repository, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIED = ("stages", "covidseg", "plots", "dvc.yaml", "params.yaml")
+
+TINY = {
+    "arch": "Unet",
+    "encoder": "mobilenet_v2",
+    "prepare": {"image_size": 64},
+    "split": {"scheme": "kfold", "n_folds": 3, "fold": 0, "val_fraction": 0.5},
+    "train": {
+        "epochs": 2,
+        "batch_size": 4,
+        "steps_per_epoch": 3,
+        "num_workers": 0,
+        "lr": 1.0e-3,
+    },
+    "evaluate": {"batch_size": 16},
+}
+
+
+def merge(base: dict, changes: dict) -> dict:
+    """Deep-merge `changes` into a copy of `base`."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and key in out else value
+    return out
+
+
+def env() -> dict[str, str]:
+    """The environment of a user who activated the project's virtualenv."""
+    out = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    out["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{out.get('PATH', '')}"
+    out["DVC_NO_ANALYTICS"] = "1"
+    out["OMP_NUM_THREADS"] = out.get("OMP_NUM_THREADS", "2")
+    out["GIT_AUTHOR_NAME"] = out["GIT_COMMITTER_NAME"] = "test"
+    out["GIT_AUTHOR_EMAIL"] = out["GIT_COMMITTER_EMAIL"] = "test@example.org"
+    return out
+
+
+def run(
+    repo: Path, *args: str, check: bool = True, timeout: float = 900
+) -> subprocess.CompletedProcess:
+    """Run a command in the repository; on failure the assertion shows its output."""
+    result = subprocess.run(
+        args, cwd=repo, env=env(), capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} exited {result.returncode}\n{result.stdout[-4000:]}\n"
+            f"{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def dvc(repo: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+    return run(repo, sys.executable, "-m", "dvc", *args, **kwargs)
+
+
+def make_repo(dest: Path, params: dict) -> Path:
+    """Copy the pipeline into `dest`, write `params` over params.yaml, git + dvc init, commit."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif source.exists():
+            shutil.copy(source, dest / name)
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (dest / "params.yaml").write_text(yaml.safe_dump(merge(base, params), sort_keys=False))
+    shutil.copy(ROOT / ".gitignore", dest / ".gitignore")
+    run(dest, "git", "init", "-q", "-b", "main")
+    dvc(dest, "init", "-q")
+    config = ROOT / ".dvc" / "config"
+    if config.exists():
+        shutil.copy(config, dest / ".dvc" / "config")
+    run(dest, "git", "add", "-A")
+    run(dest, "git", "commit", "-qm", "pipeline")
+    return dest
