@@ -113,8 +113,8 @@ def make_phantom(slices: int, size: int, seed: int) -> Phantom:
 def las_affine(shape: tuple[int, int, int]) -> np.ndarray:
     """Affine of an on-disk (x, y, z) volume with axis codes (L, A, S), as coronacases."""
     sz, sy, sx = SPACING
-    affine = np.diag([-sx, -sy, sz, 1.0])
-    affine[:3, 3] = [shape[0] * sx / 2, shape[1] * sy / 2, -shape[2] * sz / 2]
+    affine = np.diag([-sx, sy, sz, 1.0])
+    affine[:3, 3] = [shape[0] * sx / 2, -shape[1] * sy / 2, -shape[2] * sz / 2]
     return affine
 
 

@@ -147,6 +147,23 @@ def dummy_meta(name: str, shape: tuple[int, ...], flags: tuple) -> CaseMeta:
     )
 
 
+def mask_layout_check(raw: Path) -> list[list[object]]:
+    """`check_mask` on nibabel's Fortran-ordered mask vs a C-ordered copy, and a K-order count."""
+    mask, _ = read_nifti(case_files(raw, CASES[0]).masks[INFECTION_ARCHIVE], CASES[0])
+    c_order = np.ascontiguousarray(mask)
+    rows = []
+    for label, fn in (
+        (
+            "check_mask(Fortran-ordered, as decoded)",
+            lambda: check_mask(mask, "c", INFECTION_ARCHIVE),
+        ),
+        ("check_mask(C-ordered copy)", lambda: check_mask(c_order, "c", INFECTION_ARCHIVE)),
+        ("np.bincount(mask.ravel(order='K'))", lambda: np.bincount(mask.ravel(order="K"))),
+    ):
+        rows.append([label, median([timed(fn)[0] for _ in range(3)])])
+    return rows
+
+
 def bench_config(
     raw: Path, work: Path, size: int, compression: str, repeats: int
 ) -> tuple[list[object], dict[str, float]]:
@@ -168,19 +185,28 @@ def bench_config(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 repeats instead of 3")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--quick", action="store_true", help="2 repeats of 512 gzip, 1 of the others (else 3)"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="repeats of every config")
     args = parser.parse_args()
-    repeats = args.repeats or (2 if args.quick else 3)
-    print(machine_note(), f"| repeats: {repeats} (median shown)")
+    main_repeats = args.repeats or (2 if args.quick else 3)
+    other_repeats = args.repeats or (1 if args.quick else 3)
+    print(machine_note(), f"| repeats: {main_repeats} / {other_repeats} (median shown)")
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
         raw, work = Path(tmp) / "raw", Path(tmp) / "work"
         work.mkdir()
         write_raw(raw, slices=300)
         image_mb = (raw / IMAGE_ARCHIVE / f"{CASES[0]}.nii.gz").stat().st_size / 2**20
         print(f"case: int16 512x512x300 on disk ({image_mb:.0f} MiB .nii.gz, raw 150 MiB)")
-        results = [bench_config(raw, work, size, comp, repeats) for size, comp in CONFIGS]
+        results = [
+            bench_config(raw, work, size, comp, main_repeats if i == 0 else other_repeats)
+            for i, (size, comp) in enumerate(CONFIGS)
+        ]
+        layout = mask_layout_check(raw)
     print_results(results)
+    print("\nthe mask check, by memory layout (s, median of 3):")
+    print(table(["call", "s"], layout))
 
 
 def print_results(results: list[tuple[list[object], dict[str, float]]]) -> None:

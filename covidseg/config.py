@@ -6,6 +6,7 @@ value is one clear error when a stage starts, not a crash an hour into training.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -152,7 +153,14 @@ class EvaluateParams(_Section):
 class TrackingParams(_Section):
     experiment: Annotated[str, Field(min_length=1)] = "covidseg"
     registered_model: Annotated[str, Field(min_length=1)] = "covidseg"
-    alias: Annotated[str, Field(min_length=1)] = "latest"
+    alias: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")] = "champion"
+
+    @field_validator("alias")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value.lower() == "latest" or re.fullmatch(r"[vV]\d+", value):
+            raise ValueError(f"{value!r} is reserved by the MLflow model registry")
+        return value
 
 
 class Params(_Section):

@@ -1,0 +1,151 @@
+"""Random single-slice reads from the slice stores through a 2-worker DataLoader.
+
+`covidseg.dataset.SliceDataset` over synthetic stores (float16 images, gzip as `prepare`
+writes them) against the same arrays in memory-mapped `.npy` files (the memory-bound limit),
+at 512 and 128 px; then with augmentation on through `BalancedSampler`. All files are freshly
+written, so reads are warm (page cache). Also the in-process cost per slice (1 thread).
+
+Usage: .venv/bin/python bench/read_speed.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from _report import machine_note, median, spread, table, timed
+from _synth import make_phantom, write_case_store
+from torch.utils.data import DataLoader, Dataset
+
+from covidseg.config import AugmentParams
+from covidseg.dataset import BalancedSampler, SliceDataset
+
+WORKERS = 2
+BATCH = 2
+CASES = 2
+CONSUMERS = {"CPU training": (0.1, 15.0), "GPU training": (25.0, 150.0)}
+
+
+class NpyDataset(Dataset):
+    """The same slices from memory-mapped `.npy` files, opened lazily in each process."""
+
+    def __init__(self, folders: list[Path]) -> None:
+        self.folders = folders
+        counts = [np.load(f / "mask.npy", mmap_mode="r").shape[0] for f in folders]
+        self.refs = [(c, k) for c, n in enumerate(counts) for k in range(n)]
+        self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        case, k = self.refs[index]
+        if case not in self._arrays:
+            folder = self.folders[case]
+            self._arrays[case] = tuple(  # type: ignore[assignment]
+                np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("image", "mask")
+            )
+        image, mask = self._arrays[case]
+        image_t = torch.from_numpy(image[k].astype(np.float32))[None]
+        return image_t, torch.from_numpy(mask[k].astype(np.int64))
+
+
+def build_data(root: Path, size: int, slices: int) -> tuple[list[Path], list[Path]]:
+    """`CASES` stores and the same arrays as `.npy` folders, at `size` px."""
+    stores, folders = [], []
+    for case in range(CASES):
+        phantom = make_phantom(slices, size, seed=case)
+        store = root / f"{size}" / f"case_{case}.h5"
+        store.parent.mkdir(parents=True, exist_ok=True)
+        image, mask = write_case_store(store, phantom, size)
+        folder = root / f"{size}" / f"case_{case}_npy"
+        folder.mkdir()
+        np.save(folder / "image.npy", image)
+        np.save(folder / "mask.npy", mask)
+        stores.append(store)
+        folders.append(folder)
+    return stores, folders
+
+
+def loader_rate(dataset: Dataset, sampler: object) -> float:
+    """Slices per second through a 2-worker DataLoader, timed after the first batch."""
+    loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler, num_workers=WORKERS)
+    iterator = iter(loader)
+    next(iterator)  # worker start and first reads are not timed
+    seconds, count = timed(lambda: sum(len(image) for image, _ in iterator))
+    return count / seconds
+
+
+def random_indices(n_items: int, n_reads: int, seed: int) -> list[int]:
+    """Plain seeded random slice indices (with replacement)."""
+    return np.random.default_rng(seed).integers(0, n_items, size=n_reads).tolist()
+
+
+def per_slice_ms(dataset: Dataset, items: list) -> float:
+    """In-process milliseconds per `dataset[item]`, one torch thread (as in a worker)."""
+    dataset[items[0]]
+    seconds, _ = timed(lambda: [dataset[item] for item in items])
+    return 1000 * seconds / len(items)
+
+
+def bench_size(root: Path, size: int, slices: int, reads: int, repeats: int) -> list[list]:
+    """Rows (store, npy, store + augmentation) for one size."""
+    stores, folders = build_data(root, size, slices)
+    plain, npy = SliceDataset(stores), NpyDataset(folders)
+    augmented = SliceDataset(stores, AugmentParams())
+    n = len(plain)
+    rates: dict[str, list[float]] = {"store": [], "npy": [], "store+aug": []}
+    for r in range(repeats):
+        indices = random_indices(n, reads, seed=r)
+        rates["store"].append(loader_rate(plain, indices))
+        rates["npy"].append(loader_rate(npy, indices))
+        sampler = BalancedSampler(augmented.positive, 0.5, reads, seed=r)
+        rates["store+aug"].append(loader_rate(augmented, sampler))
+    sample = random_indices(n, min(reads, 300), seed=99)
+    seeds = list(BalancedSampler(augmented.positive, 0.5, len(sample), seed=99))
+    ms = {
+        "store": per_slice_ms(plain, sample),
+        "npy": per_slice_ms(npy, sample),
+        "store+aug": per_slice_ms(augmented, seeds),
+    }
+    return [[size, k, median(v), spread(v), ms[k]] for k, v in rates.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer slices and reads")
+    args = parser.parse_args()
+    slices, reads, repeats = (150, 600, 2) if args.quick else (250, 2000, 3)
+    torch.set_num_threads(1)
+    print(machine_note(), f"| {CASES} cases x {slices} slices per size, {reads} random reads,")
+    print(f"DataLoader: {WORKERS} workers, batch {BATCH}; median of {repeats} repeats")
+    with tempfile.TemporaryDirectory(prefix="bench-read-") as tmp:
+        rows = [
+            row
+            for size in (512, 128)
+            for row in bench_size(Path(tmp), size, slices, reads, repeats)
+        ]
+    print(table(["size", "source", "slices/s", "range", "ms/slice 1 thread"], rows))
+    print_ratios(rows)
+
+
+def print_ratios(rows: list[list]) -> None:
+    """Store/npy ratios, augmentation cost, and headroom over what training consumes."""
+    by = {(row[0], row[1]): row for row in rows}
+    for size in (512, 128):
+        store, npy, aug = by[(size, "store")], by[(size, "npy")], by[(size, "store+aug")]
+        print(
+            f"{size} px: store/npy throughput {store[2] / npy[2]:.2f}x "
+            f"(npy is {npy[2] / store[2]:.1f}x faster); augmentation adds "
+            f"{aug[4] - store[4]:.2f} ms/slice in-process; with it the loader gives "
+            f"{aug[2]:.0f} slices/s"
+        )
+        for name, (_, high) in CONSUMERS.items():
+            print(f"  vs {name} (up to {high:g} slices/s): {aug[2] / high:.1f}x headroom")
+
+
+if __name__ == "__main__":
+    main()
