@@ -53,6 +53,28 @@ class NpyDataset(Dataset):
         return image_t, torch.from_numpy(mask[k].astype(np.int64))
 
 
+class Uint8MaskDataset(SliceDataset):
+    """What-if: `SliceDataset` returning uint8 masks (1 byte a pixel instead of 8)."""
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = super().__getitem__(item)
+        return image, mask.to(torch.uint8)
+
+
+class ZeroDataset(Dataset):
+    """No reading at all: the DataLoader's own ceiling (worker -> main shared-memory transfer)."""
+
+    def __init__(self, size: int, mask_dtype: torch.dtype, length: int) -> None:
+        self.size, self.mask_dtype, self.length = size, mask_dtype, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = torch.zeros(1, self.size, self.size)
+        return image, torch.zeros(self.size, self.size, dtype=self.mask_dtype)
+
+
 def build_data(root: Path, size: int, slices: int) -> tuple[list[Path], list[Path]]:
     """`CASES` stores and the same arrays as `.npy` folders, at `size` px."""
     stores, folders = [], []
@@ -96,22 +118,28 @@ def bench_size(root: Path, size: int, slices: int, reads: int, repeats: int) -> 
     stores, folders = build_data(root, size, slices)
     plain, npy = SliceDataset(stores), NpyDataset(folders)
     augmented = SliceDataset(stores, AugmentParams())
-    n = len(plain)
-    rates: dict[str, list[float]] = {"store": [], "npy": [], "store+aug": []}
+    sets: dict[str, Dataset] = {
+        "store": plain,
+        "npy": npy,
+        "store+aug": augmented,
+        "store, uint8 mask (what-if)": Uint8MaskDataset(stores),
+        "no reads, int64 mask": ZeroDataset(size, torch.int64, len(plain)),
+        "no reads, uint8 mask": ZeroDataset(size, torch.uint8, len(plain)),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in sets}
     for r in range(repeats):
-        indices = random_indices(n, reads, seed=r)
-        rates["store"].append(loader_rate(plain, indices))
-        rates["npy"].append(loader_rate(npy, indices))
-        sampler = BalancedSampler(augmented.positive, 0.5, reads, seed=r)
-        rates["store+aug"].append(loader_rate(augmented, sampler))
-    sample = random_indices(n, min(reads, 300), seed=99)
+        indices = random_indices(len(plain), reads, seed=r)
+        for name, dataset in sets.items():
+            sampler = BalancedSampler(augmented.positive, 0.5, reads, seed=r)
+            rates[name].append(loader_rate(dataset, sampler if name == "store+aug" else indices))
+    sample = random_indices(len(plain), min(reads, 300), seed=99)
     seeds = list(BalancedSampler(augmented.positive, 0.5, len(sample), seed=99))
     ms = {
         "store": per_slice_ms(plain, sample),
         "npy": per_slice_ms(npy, sample),
         "store+aug": per_slice_ms(augmented, seeds),
     }
-    return [[size, k, median(v), spread(v), ms[k]] for k, v in rates.items()]
+    return [[size, k, median(v), spread(v), ms.get(k, "-")] for k, v in rates.items()]
 
 
 def main() -> None:
@@ -137,11 +165,13 @@ def print_ratios(rows: list[list]) -> None:
     by = {(row[0], row[1]): row for row in rows}
     for size in (512, 128):
         store, npy, aug = by[(size, "store")], by[(size, "npy")], by[(size, "store+aug")]
+        int64, uint8 = by[(size, "no reads, int64 mask")], by[(size, "no reads, uint8 mask")]
         print(
             f"{size} px: store/npy throughput {store[2] / npy[2]:.2f}x "
             f"(npy is {npy[2] / store[2]:.1f}x faster); augmentation adds "
             f"{aug[4] - store[4]:.2f} ms/slice in-process; with it the loader gives "
-            f"{aug[2]:.0f} slices/s"
+            f"{aug[2]:.0f} slices/s; loader ceiling {int64[2]:.0f} slices/s with int64 masks, "
+            f"{uint8[2]:.0f} with uint8 ({uint8[2] / int64[2]:.2f}x)"
         )
         for name, (_, high) in CONSUMERS.items():
             print(f"  vs {name} (up to {high:g} slices/s): {aug[2] / high:.1f}x headroom")

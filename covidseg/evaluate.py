@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from covidseg.model import resolve_device
 from covidseg.modelio import ModelSpec, load_model
 from covidseg.prepare import target_mask
 from covidseg.resample import to_original_grid
+from covidseg.severity import INFECTION, severity
 from covidseg.splits import load_splits
 from covidseg.store import read_arrays, read_meta
 from covidseg.tracking import Tracker
@@ -72,7 +73,17 @@ def score_case(
             lung = case_metrics(pred == label, ref == label, spacing, ep.lung_nsd_tolerance_mm)
             name = CLASS_NAMES[label]
             row |= {f"{name}_dice": lung["dice"], f"{name}_nsd": lung["nsd"]}
+        row |= involvement(ref, spacing, "ref") | involvement(pred, spacing, "pred")
     return row
+
+
+def involvement(labels: np.ndarray, spacing: tuple, which: str) -> dict[str, float]:
+    """Percentage of each lung infected, e.g. `left_lung_infected_pct_ref`."""
+    report = severity(labels, spacing, INFECTION)
+    return {
+        f"{side}_lung_infected_pct_{which}": report[f"{side}_lung_infected_pct"]
+        for side in ("left", "right")
+    }
 
 
 def write_per_case(path: Path, rows: list[dict]) -> None:
@@ -182,5 +193,6 @@ def track(params: Params, paths: EvalPaths, spec: ModelSpec, model, summary: dic
         example,
         registered_name=params.tracking.registered_model,
         alias=params.tracking.alias,
+        metadata=asdict(spec),
     )
     tracker.end()

@@ -31,9 +31,9 @@ from monai.metrics.utils import get_edge_surface_distance
 
 METRIC_KEYS = (
     "dice",
-    "iou",
     "nsd",
     "hd95",
+    "iou",
     "sensitivity",
     "precision",
     "ref_volume_ml",

@@ -12,6 +12,7 @@ from covidseg.config import PrepareParams, SplitParams
 from covidseg.errors import CovidSegError
 from covidseg.intensity import check_encoding, normalise
 from covidseg.resample import resized_spacing, to_square
+from covidseg.severity import whole_lungs
 from covidseg.splits import make_split
 from covidseg.store import CaseMeta, write_store
 from covidseg.volumes import (
@@ -40,15 +41,7 @@ def lung_mask(masks: dict[str, np.ndarray]) -> np.ndarray | None:
         return masks[LUNG_ARCHIVE]
     if LUNG_INFECTION_ARCHIVE not in masks:
         return None
-    combined = masks[LUNG_INFECTION_ARCHIVE]
-    if not (combined == INFECTION_LABEL).any():
-        return combined
-    from scipy.ndimage import distance_transform_edt
-
-    # Infection voxels carry no side: give each the side of the nearest labelled lung voxel.
-    _, nearest = distance_transform_edt(~np.isin(combined, (1, 2)), return_indices=True)
-    sides = combined[tuple(nearest)]
-    return np.where(combined == INFECTION_LABEL, sides, combined).astype(np.uint8)
+    return whole_lungs(masks[LUNG_INFECTION_ARCHIVE])
 
 
 def target_mask(loaded: LoadedCase, target: str) -> tuple[np.ndarray, np.ndarray | None]:

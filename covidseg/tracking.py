@@ -179,11 +179,13 @@ class Tracker:
         *,
         registered_name: str | None,
         alias: str | None,
+        metadata: dict[str, Any] | None = None,
     ) -> str | None:
         """Log `model` (torch.export on the CPU in float32; any batch size, the example's other
-        dimensions), register it and alias it. Its URI, or None if that failed."""
+        dimensions) with `metadata` (how to feed it), register it and alias it. Its URI, or
+        None if that failed."""
         return self._attempt(
-            lambda: self._log_model(model, input_example, registered_name, alias), None
+            lambda: self._log_model(model, input_example, registered_name, alias, metadata), None
         )
 
     def end(self, status: str = "FINISHED") -> None:
@@ -318,6 +320,7 @@ class Tracker:
         input_example: np.ndarray,
         registered_name: str | None,
         alias: str | None,
+        metadata: dict[str, Any] | None,
     ) -> str:
         import mlflow.pytorch
         from mlflow.models import infer_signature
@@ -333,8 +336,9 @@ class Tracker:
             cpu_model,
             name=MODEL_NAME,
             signature=infer_signature(example, output),
-            input_example=example,
+            input_example=example,  # pt2 export needs it
             pip_requirements=_requirements(),
+            metadata=metadata,
             registered_model_name=registered_name,
             serialization_format="pt2",
             run_id=run_id,
@@ -350,12 +354,15 @@ class Tracker:
         return f"models:/{registered_name}@{alias}"
 
 
-def load_model(uri: str, *, root: Path | None = None) -> torch.nn.Module:
-    """Load a logged model (`models:/<name>@<alias>`, `runs:/...`) on the CPU."""
+def load_model(uri: str, *, root: Path | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a logged model (`models:/<name>@<alias>`, `runs:/...`) on the CPU, with the
+    metadata it was logged with."""
     try:
+        import mlflow.models
         import mlflow.pytorch
 
         _use_store(root or repo_root())
-        return mlflow.pytorch.load_model(uri)
+        metadata = mlflow.models.get_model_info(uri).metadata or {}
+        return mlflow.pytorch.load_model(uri), metadata
     except Exception as error:
         raise CovidSegError(f"cannot load the model {uri}: {_short(error)}") from None

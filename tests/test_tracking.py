@@ -88,7 +88,13 @@ def test_run_records_params_metrics_artifact_and_model(repo: Path, tmp_path: Pat
         tracker.log_metrics({"loss": 0.5, "dice": float("nan")}, step=1)
         tracker.log_artifact(report, "reports")
         tracker.log_artifact(tmp_path / "missing.json")
-        uri = tracker.log_model(model, example, registered_name="records", alias="candidate")
+        uri = tracker.log_model(
+            model,
+            example,
+            registered_name="records",
+            alias="candidate",
+            metadata={"arch": "Conv2d", "classes": 1},
+        )
     assert tracker.active is False
 
     client = MlflowClient(default_tracking_uri(repo))
@@ -116,7 +122,8 @@ def test_run_records_params_metrics_artifact_and_model(repo: Path, tmp_path: Pat
     assert logged.source_run_id == tracker.run_id
     assert logged.artifact_location.startswith(experiment.artifact_location + "/")
     assert not (repo / "mlruns").exists()
-    loaded = load_model(uri, root=repo)
+    loaded, metadata = load_model(uri, root=repo)
+    assert metadata == {"arch": "Conv2d", "classes": 1}
     batch = torch.rand(3, 1, 16, 16)  # another batch size than the example's
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch), model(batch))
@@ -131,7 +138,7 @@ def test_reserved_latest_alias_points_at_the_newest_version(repo: Path) -> None:
         again = tracker.log_model(second, example, registered_name="newest", alias="latest")
     assert first == again == "models:/newest/latest"
     ones = torch.ones(1, 1, 8, 8)
-    assert torch.equal(load_model("models:/newest/latest", root=repo)(ones), 2 * ones)
+    assert torch.equal(load_model("models:/newest/latest", root=repo)[0](ones), 2 * ones)
 
 
 def test_reopening_by_run_id_adds_to_the_same_run(

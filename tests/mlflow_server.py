@@ -1,0 +1,123 @@
+"""`mlflow server` started the way the README tells users to, on a free loopback port.
+
+    server = MlflowServer(tmp_path).start()  # README command, sqlite store under tmp_path
+    server.url                               # http://127.0.0.1:<port>
+    server.stop()                            # the whole process group, bounded waits
+
+The command line is read from the README's MLflow section, so a flag added there (say
+`--allowed-hosts`) is what the tests run; only `$PWD` (the folder it runs in) and the port
+change. Artifacts land in `<folder>/mlartifacts`, MLflow's default `--artifacts-destination`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+README_COMMAND = re.compile(r"^\s*(mlflow server .*)$", re.MULTILINE)
+
+
+def readme_command() -> list[str]:
+    """The `mlflow server ...` line of the README, split as a shell would (before expansion)."""
+    found = README_COMMAND.findall((ROOT / "README.md").read_text())
+    assert len(found) == 1, f"expected one `mlflow server` line in README.md, found {found}"
+    return shlex.split(found[0])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_env() -> dict[str, str]:
+    """A user's shell with the virtualenv active: no inherited MLflow settings, no telemetry."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    return env
+
+
+class MlflowServer:
+    """The README's `mlflow server` command run in `workdir` (its `$PWD`) on a free port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir).absolute()
+        self.port = free_port()
+        self.log = self.workdir / "mlflow-server.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def command(self) -> list[str]:
+        """The README's words with `$PWD` expanded and the port swapped for ours."""
+        words = [w.replace("$PWD", str(self.workdir)) for w in readme_command()]
+        assert words[:2] == ["mlflow", "server"] and "--port" in words, words
+        words[words.index("--port") + 1] = str(self.port)
+        return [str(Path(sys.executable).parent / "mlflow"), *words[1:]]
+
+    def start(self, timeout: float = 120.0) -> MlflowServer:
+        """Launch it and wait until `/health` answers 200; on failure, stop it and say why."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                self.command,
+                cwd=self.workdir,
+                env=server_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: uvicorn workers die with it
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.stop()
+                raise AssertionError(f"mlflow server exited {self.process.returncode}\n{self.tail()}")
+            try:
+                if requests.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise AssertionError(f"mlflow server gave no /health within {timeout:.0f} s\n{self.tail()}")
+
+    def tail(self, chars: int = 4000) -> str:
+        """The end of the server's output."""
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the process group, SIGKILL what is left after `grace` seconds."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                process.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+            break
+        # workers may outlive the parent briefly; make sure the group is gone
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
