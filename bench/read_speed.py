@@ -146,7 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer slices and reads")
     args = parser.parse_args()
-    slices, reads, repeats = (150, 600, 2) if args.quick else (250, 2000, 3)
+    slices, reads, repeats = (150, 400, 3) if args.quick else (250, 1500, 3)
     torch.set_num_threads(1)
     print(machine_note(), f"| {CASES} cases x {slices} slices per size, {reads} random reads,")
     print(f"DataLoader: {WORKERS} workers, batch {BATCH}; median of {repeats} repeats")

@@ -315,3 +315,67 @@ def training_curves(log: list[dict], path: Path) -> Path:
     if ax_loss.get_legend_handles_labels()[0]:
         ax_loss.legend(frameon=False, loc="best")
     return _save(fig, path)
+
+
+REPORT_INCHES = (8.27, 11.0)  # about A4 portrait
+REPORT_ROWS = (
+    ("lesion_volume_ml", "Lesion volume", "{:.1f} mL"),
+    ("slices_involved", "Slices with infection", "{:d}"),
+    ("left_lung_volume_ml", "Left lung volume", "{:.0f} mL"),
+    ("left_lung_infected_pct", "Left lung infected", "{:.1f} %"),
+    ("left_lung_grade", "Left lung extent grade (0-4)", "{:d}"),
+    ("right_lung_volume_ml", "Right lung volume", "{:.0f} mL"),
+    ("right_lung_infected_pct", "Right lung infected", "{:.1f} %"),
+    ("right_lung_grade", "Right lung extent grade (0-4)", "{:d}"),
+    ("total_grade", "Total extent grade (0-8)", "{:d}"),
+)
+
+
+def _report_lines(report: Mapping[str, object]) -> list[tuple[str, str]]:
+    """(label, formatted value) for each severity number the report holds."""
+    lines = []
+    for key, label, fmt in REPORT_ROWS:
+        value = report.get(key)
+        if value is None:
+            continue
+        is_nan = isinstance(value, float) and math.isnan(value)
+        lines.append((label, "n/a" if is_nan else fmt.format(value)))
+    return lines
+
+
+def report_page(
+    report: Mapping[str, object],
+    image: np.ndarray,
+    labels: np.ndarray,
+    slices: list[int],
+    path: Path,
+) -> Path:
+    """One page: title, severity table, model identity and prediction overlays."""
+    fig = Figure(figsize=REPORT_INCHES, dpi=DPI, layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=(0.9, 1.0))
+    top.suptitle(f"Infection report: {report.get('case', '')}", fontsize=15, fontweight="bold")
+    ax = top.subplots()
+    ax.set_axis_off()
+    rows = (
+        _report_lines(report)
+        + [("", "")]
+        + [(f"Model {k}", str(v)) for k, v in dict(report.get("model", {})).items()]
+    )
+    table = ax.table(
+        cellText=[[a, b] for a, b in rows],
+        colWidths=(0.55, 0.45),
+        loc="upper center",
+        cellLoc="left",
+        edges="horizontal",
+    )
+    table.auto_set_font_size(False)
+    table.set_fontsize(10)
+    table.scale(1, 1.3)
+    names = _label_names(labels)
+    axes = bottom.subplots(1, len(slices), squeeze=False)[0]
+    for axis, k in zip(axes, slices, strict=True):
+        _panel(axis, image, {"pred": labels}, k, names)
+    handles = _legend_handles(False, True, names is MULTI_LABELS)
+    bottom.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+    bottom.suptitle("Predicted infection on the most and least involved slices", fontsize=11)
+    return _save(fig, path)

@@ -116,6 +116,12 @@ def reorient(data: np.ndarray, affine: np.ndarray) -> Volume:
     return Volume(out, new_affine, tuple(data.shape))
 
 
+def to_disk_orientation(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Inverse of `reorient`: a canonical (S, P, L) array back to the axes of `affine`."""
+    transform = ornt_transform(axcodes2ornt(CANONICAL_AXCODES), io_orientation(affine))
+    return np.ascontiguousarray(apply_orientation(data, transform))
+
+
 def check_finite(data: np.ndarray, case: str, what: str) -> None:
     """Refuse NaN or Inf (only floats can hold them)."""
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():

@@ -1,0 +1,64 @@
+"""The `covidseg` command: `covidseg predict CT [CT ...] --model MODEL -o OUTDIR`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from covidseg import __version__
+from covidseg.errors import CovidSegError
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="covidseg", description=__doc__)
+    root.add_argument("--version", action="version", version=f"covidseg {__version__}")
+    commands = root.add_subparsers(dest="command", required=True)
+    predict = commands.add_parser(
+        "predict", help="segment new CT scans and write label volumes and severity reports"
+    )
+    predict.add_argument(
+        "inputs", nargs="+", type=Path, metavar="CT", help=".nii/.nii.gz scan or a folder of them"
+    )
+    predict.add_argument(
+        "--model",
+        required=True,
+        help="trained model folder (models/model) or MLflow URI "
+        "(models:/<name>@<alias>, runs:/<run id>/model)",
+    )
+    predict.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    predict.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    predict.add_argument("--batch-size", type=int, default=8)
+    predict.add_argument("--threshold", type=float, default=0.5)
+    predict.add_argument("--tta", action="store_true", help="average with a left-right flip")
+    return root
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from covidseg.predict import load_predictor, predict_many
+
+    predictor = load_predictor(
+        args.model,
+        args.device,
+        batch_size=args.batch_size,
+        tta_flip=args.tta,
+        threshold=args.threshold,
+    )
+    failures = predict_many(predictor, args.inputs, args.output)
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return run_predict(args)
+    except CovidSegError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

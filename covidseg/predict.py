@@ -1,0 +1,158 @@
+"""`covidseg predict`: segment new scans with a trained model.
+
+Per scan it writes `<case>_seg.nii.gz` (uint8 labels on the input's exact voxel grid, with the
+input's affine, qform/sform and codes, so it overlays the CT in any viewer),
+`<case>_report.json` (severity numbers, keys carry their unit) and a one-page
+`<case>_report.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from covidseg.atomic import write_json_atomic
+from covidseg.errors import CovidSegError
+from covidseg.figures import pick_slices, report_page
+from covidseg.inference import predict_volume, to_labels
+from covidseg.intensity import check_encoding, normalise
+from covidseg.model import resolve_device
+from covidseg.modelio import ModelSpec, load_model
+from covidseg.resample import to_original_grid, to_square
+from covidseg.severity import severity
+from covidseg.volumes import case_name, check_finite, read_nifti, reorient, to_disk_orientation
+
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A model ready to run, with how to feed it and where it came from."""
+
+    model: torch.nn.Module
+    spec: ModelSpec
+    source: str
+    device: torch.device
+    batch_size: int = 8
+    tta_flip: bool = False
+    threshold: float = 0.5
+
+
+def load_predictor(ref: str, device: str = "auto", **options: object) -> Predictor:
+    """A model folder, or an MLflow model URI (`models:/<name>@<alias>`, `runs:/...`)."""
+    target = resolve_device(device)
+    if ref.startswith(MLFLOW_SCHEMES):
+        from covidseg.tracking import load_model as load_logged
+
+        module, metadata = load_logged(ref)
+        if not metadata:
+            raise CovidSegError(f"{ref}: logged without covidseg metadata (image size, labels)")
+        spec = ModelSpec(**{**metadata, "hu_window": tuple(metadata["hu_window"])})
+        return Predictor(module.to(target).eval(), spec, ref, target, **options)
+    model, spec = load_model(Path(ref), target)
+    return Predictor(model, spec, str(ref), target, **options)
+
+
+def scan_files(inputs: list[Path]) -> list[Path]:
+    """The scans named, folders expanded to their `.nii`/`.nii.gz` files (sorted)."""
+    files = []
+    for path in inputs:
+        if path.is_dir():
+            found = sorted([*path.glob("*.nii.gz"), *path.glob("*.nii")])
+            if not found:
+                raise CovidSegError(f"{path}: no .nii or .nii.gz files in this folder")
+            files += found
+        elif path.exists():
+            files.append(path)
+        else:
+            raise CovidSegError(f"{path}: no such file or folder")
+    return files
+
+
+def segment(predictor: Predictor, data: np.ndarray, affine: np.ndarray, case: str):
+    """(labels on the canonical original grid, stored-size image, stored-size labels, volume)."""
+    spec = predictor.spec
+    check_finite(data, case, "image")
+    encoding = check_encoding(data, case)
+    volume = reorient(data, affine)
+    image = to_square(normalise(volume.data, encoding, spec.hu_window), spec.image_size, False)
+    prob = predict_volume(
+        predictor.model,
+        image,
+        predictor.device,
+        predictor.batch_size,
+        predictor.tta_flip,
+        progress=True,
+    )
+    rows, cols = volume.data.shape[1:]
+    original = np.stack([to_original_grid(p, rows, cols, labels=False) for p in prob])
+    labels = to_labels(original, predictor.threshold)
+    return labels, image, to_labels(prob, predictor.threshold), volume
+
+
+def write_labels(path: Path, labels: np.ndarray, source: nib.Nifti1Image) -> None:
+    """uint8 labels with the source's header, affine, qform and sform (codes included)."""
+    header = source.header.copy()
+    out = nib.Nifti1Image(labels.astype(np.uint8), source.affine, header=header)
+    out.set_data_dtype(np.uint8)
+    out.header.set_slope_inter(1.0, 0.0)
+    out.set_qform(source.header.get_qform(), code=int(source.header["qform_code"]))
+    out.set_sform(source.header.get_sform(), code=int(source.header["sform_code"]))
+    out.header["cal_min"], out.header["cal_max"] = 0, max(int(labels.max()), 1)
+    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
+    nib.save(out, tmp)
+    tmp.replace(path)
+
+
+def predict_scan(predictor: Predictor, path: Path, out_dir: Path) -> dict:
+    """Segment one scan and write its label volume, report JSON and report page."""
+    start = time.perf_counter()
+    case = case_name(path)
+    data, affine = read_nifti(path, case)
+    labels, image, small, volume = segment(predictor, data, affine, case)
+    seg_path = out_dir / f"{case}_seg.nii.gz"
+    write_labels(seg_path, to_disk_orientation(labels, affine), nib.load(path))
+    spec = predictor.spec
+    report = {
+        "case": case,
+        "input": str(path),
+        "segmentation": seg_path.name,
+        **severity(labels, volume.spacing, spec.infection_label),
+        "voxel_spacing_mm": [round(s, 4) for s in volume.spacing],
+        "model": {"source": predictor.source, **_identity(spec)},
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    write_json_atomic(out_dir / f"{case}_report.json", report)
+    slices = pick_slices(small == spec.infection_label, n=3)
+    report_page(report, image, small, slices, out_dir / f"{case}_report.png")
+    return report
+
+
+def _identity(spec: ModelSpec) -> dict:
+    keys = ("arch", "encoder", "target", "image_size", "run_id", "best_epoch", "val_dice")
+    return {k: v for k, v in asdict(spec).items() if k in keys}
+
+
+def predict_many(predictor: Predictor, inputs: list[Path], out_dir: Path) -> int:
+    """Segment every scan; a bad file is one error line and the others go on. Failures."""
+    files = scan_files(inputs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for path in tqdm(files, desc="scans", unit="scan"):
+        try:
+            report = predict_scan(predictor, path, out_dir)
+        except CovidSegError as error:
+            tqdm.write(f"error: {error}", file=sys.stderr)
+            failures += 1
+            continue
+        summary = {k: report[k] for k in ("lesion_volume_ml", "slices_involved")}
+        tqdm.write(f"{report['case']}: {json.dumps(summary)}", file=sys.stderr)
+    return failures
