@@ -49,6 +49,11 @@ def machine_note() -> str:
     return f"cores: {os.cpu_count()}, load average (1 min) at start: {load:.2f}"
 
 
+def load_note() -> str:
+    """The load average when a benchmark ends (other jobs share this machine)."""
+    return f"load average (1 min) at end: {os.getloadavg()[0]:.2f}"
+
+
 def verdict(ratio: float, goal: float) -> str:
     """`ratio 1.23x (goal <= 1.5x): met` or `... not met`."""
     state = "met" if ratio <= goal else "NOT met"

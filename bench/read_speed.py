@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _report import machine_note, median, spread, table, timed
+from _report import load_note, machine_note, median, spread, table, timed
 from _synth import make_phantom, write_case_store
 from torch.utils.data import DataLoader, Dataset
 
@@ -158,6 +158,7 @@ def main() -> None:
         ]
     print(table(["size", "source", "slices/s", "range", "ms/slice 1 thread"], rows))
     print_ratios(rows)
+    print(load_note())
 
 
 def print_ratios(rows: list[list]) -> None:

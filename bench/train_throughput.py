@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _report import machine_note, median, spread, table, timed, verdict
+from _report import load_note, machine_note, median, spread, table, timed, verdict
 from _synth import make_phantom, write_case_store
 
 from covidseg.config import Params, PrepareParams, TrainParams
@@ -128,6 +128,7 @@ def main() -> None:
     print(f"stage warm-up epoch (1 batch, worker start included): {warm:.2f} s")
     ratios = [b / s for s, b in zip(stage, bare, strict=True)]
     print(f"time ratio stage/bare (median of per-repeat ratios): {verdict(median(ratios), GOAL)}")
+    print(load_note())
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def load_predictor(ref: str, device: str = "auto", **options: object) -> Predict
         if not metadata:
             raise CovidSegError(f"{ref}: logged without covidseg metadata (image size, labels)")
         spec = ModelSpec(**{**metadata, "hu_window": tuple(metadata["hu_window"])})
-        return Predictor(module.to(target).eval(), spec, ref, target, **options)
+        return Predictor(module.to(target), spec, ref, target, **options)
     model, spec = load_model(Path(ref), target)
     return Predictor(model, spec, str(ref), target, **options)
 

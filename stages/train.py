@@ -15,11 +15,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="model folder to write")
     parser.add_argument("--checkpoints", type=Path, required=True, help="resumable state")
     parser.add_argument("--metrics", type=Path, required=True, help="train.json to write")
-    parser.add_argument("--log", type=Path, required=True, help="per-epoch CSV to write")
+    parser.add_argument("--epoch-log", type=Path, required=True, help="per-epoch CSV to write")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
     params = load_params(args.params)
-    paths = TrainPaths(args.data, args.splits, args.model, args.checkpoints, args.metrics, args.log)
+    paths = TrainPaths(
+        args.data, args.splits, args.model, args.checkpoints, args.metrics, args.epoch_log
+    )
     train(params, paths)
 
 

@@ -11,6 +11,7 @@ change. Artifacts land in `<folder>/mlartifacts`, MLflow's default `--artifacts-
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -85,9 +86,9 @@ class MlflowServer:
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if (code := self.process.poll()) is not None:
                 self.stop()
-                raise AssertionError(f"mlflow server exited {self.process.returncode}\n{self.tail()}")
+                raise AssertionError(f"mlflow server exited {code}\n{self.tail()}")
             try:
                 if requests.get(f"{self.url}/health", timeout=5).status_code == 200:
                     return self
@@ -102,22 +103,17 @@ class MlflowServer:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the process group, SIGKILL what is left after `grace` seconds."""
+        """SIGTERM the process group, wait up to `grace` s for `mlflow server` to exit, then
+        SIGKILL the group: uvicorn workers and MLflow's job runners (huey consumers, which
+        outlive the server for a while) share it."""
         process, self.process = self.process, None
         if process is None:
             return
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-            break
-        # workers may outlive the parent briefly; make sure the group is gone
-        try:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=grace)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=5.0)

@@ -13,21 +13,12 @@ import pytest
 from phantoms import PhantomCase, nifti_gz_bytes
 
 from covidseg import CovidSegError
-from covidseg.config import DownloadParams, PrepareParams, SplitParams
-from covidseg.download import fetch_archives
+from covidseg.config import PrepareParams, SplitParams
 from covidseg.prepare import prepare_dataset
 from covidseg.store import read_meta
 
 PREPARE = PrepareParams(image_size=64, image_dtype="float32")
 SPLIT = SplitParams(scheme="kfold", n_folds=3, fold=0, val_fraction=0.5)
-
-
-@pytest.fixture
-def raw_dir(mirror, tmp_path: Path) -> Path:
-    """The phantom archives extracted by the real download code from a folder mirror."""
-    params = DownloadParams(base_url=str(mirror.dir), sha256=mirror.sha256)
-    fetch_archives(params, cache_dir=tmp_path / "downloads", raw_dir=tmp_path / "raw")
-    return tmp_path / "raw"
 
 
 def canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:

@@ -1,0 +1,135 @@
+"""Evaluation time for one case against the bare model's inference on the same slices.
+
+`covidseg.evaluate.predict_case` (batched prediction, resampling of the probabilities back to
+the original grid, thresholding) and `covidseg.metrics.case_metrics` on a 300-slice case stored
+at 128 px whose original grid is 512 x 512, against a bare `model(batch)` loop under
+`torch.no_grad`. The model is untrained (it marks ~90 % of voxels), so the metrics are timed on a
+realistic prediction instead: the reference mask shifted in-plane by a few voxels (its Dice
+is printed).
+
+Usage: .venv/bin/python bench/evaluate_time.py [--quick] [--size 512] [--arch A] [--encoder E]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from _report import load_note, machine_note, median, spread, table, timed
+from _synth import make_phantom, write_case_store
+
+from covidseg.config import Params, TrainParams
+from covidseg.evaluate import predict_case
+from covidseg.inference import predict_volume, to_labels
+from covidseg.metrics import case_metrics
+from covidseg.model import build_model
+from covidseg.resample import to_original_grid
+from covidseg.store import read_arrays, read_meta
+
+DEVICE = torch.device("cpu")
+ORIGINAL = 512
+
+
+def realistic_prediction(ref: np.ndarray) -> np.ndarray:
+    """The reference moved 2 rows and 3 columns: surfaces and overlap like a trained model's."""
+    return np.roll(ref, shift=(2, 3), axis=(1, 2))
+
+
+def bare_inference(model: torch.nn.Module, image: np.ndarray, batch: int, channels_last: bool):
+    """`model(batch)` over every slice, tensors ready in memory, no post-processing."""
+    x = torch.from_numpy(image.astype(np.float32))[:, None]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for start in range(0, len(x), batch):
+            model(x[start : start + batch])
+
+
+def breakdown(model: torch.nn.Module, image: np.ndarray, shape: tuple, params: Params) -> dict:
+    """Seconds of each step of `predict_case`, called one by one in its order."""
+    ep = params.evaluate
+    t: dict[str, float] = {}
+    t["predict"], prob = timed(
+        lambda: predict_volume(model, image, DEVICE, ep.batch_size, ep.tta_flip, params.train.bf16)
+    )
+    t["labels (stored grid)"], _ = timed(lambda: to_labels(prob, ep.threshold))
+    t["resample"], original = timed(
+        lambda: np.stack([to_original_grid(p, shape[1], shape[2], labels=False) for p in prob])
+    )
+    t["threshold"], _ = timed(lambda: to_labels(original, ep.threshold))
+    return t
+
+
+def run(args: argparse.Namespace, root: Path) -> tuple[dict[str, list[float]], dict, str]:
+    """Timings per repeat of every measured path."""
+    phantom = make_phantom(args.slices, ORIGINAL, seed=0)
+    store = root / "coronacases_001.h5"
+    write_case_store(store, phantom, args.size)
+    read_s, (arrays, meta) = timed(lambda: (read_arrays(store), read_meta(store)))
+    params = Params(arch=args.arch, encoder=args.encoder, train=TrainParams(device="cpu"))
+    torch.manual_seed(0)
+    model = build_model(args.arch, args.encoder, None, 1).eval()
+    image, shape, batch = arrays["image"], meta.original_shape, params.evaluate.batch_size
+    ref = phantom.infection.astype(bool)
+    pred = realistic_prediction(ref)
+    bare_inference(model, image[:batch], batch, False)  # warm-up
+    times: dict[str, list[float]] = {}
+    parts: list[dict] = []
+    for _ in range(args.repeats):
+        for name, fn in (
+            ("predict_case", lambda: predict_case(model, image, shape, params, DEVICE)),
+            ("bare model(batch) loop", lambda: bare_inference(model, image, batch, False)),
+            ("bare, channels_last", lambda: bare_inference(model, image, batch, True)),
+            ("case_metrics", lambda: case_metrics(pred, ref, meta.original_spacing, 3.0)),
+        ):
+            times.setdefault(name, []).append(timed(fn)[0])
+        parts.append(breakdown(model, image, shape, params))
+    med_parts = {k: median([p[k] for p in parts]) for k in parts[0]}
+    dice = case_metrics(pred, ref, meta.original_spacing, 3.0)["dice"]
+    note = f"read store {read_s:.2f} s; metrics on a prediction with Dice {dice:.2f}"
+    return times, med_parts, note
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="64 slices, 2 repeats")
+    parser.add_argument("--size", type=int, default=128, help="stored in-plane size")
+    parser.add_argument("--arch", default="Unet")
+    parser.add_argument("--encoder", default="resnet18")
+    parser.add_argument("--slices", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args()
+    args.slices = args.slices or (64 if args.quick else 300)
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(2)
+    print(machine_note(), "| torch threads 2")
+    print(
+        f"{args.arch}({args.encoder}), {args.slices} slices stored at {args.size} px, original"
+        f" grid {args.slices}x{ORIGINAL}x{ORIGINAL}; median of {args.repeats} repeats"
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
+        times, parts, note = run(args, Path(tmp))
+    med = {k: median(v) for k, v in times.items()}
+    rows = [[k, med[k], spread(v), args.slices / med[k]] for k, v in times.items()]
+    print(table(["path", "s", "range", "slices/s"], rows))
+    print("\npredict_case broken down (s):")
+    print(table(["step", "s"], [[k, v] for k, v in parts.items()]))
+    print(note)
+    bare = med["bare model(batch) loop"]
+    print(f"ratio predict_case / bare inference: {med['predict_case'] / bare:.2f}x")
+    total = med["predict_case"] + med["case_metrics"]
+    print(f"ratio (predict_case + case_metrics) / bare inference: {total / bare:.2f}x")
+    print(f"ratio bare channels_last / bare: {med['bare, channels_last'] / bare:.2f}x")
+    print(load_note())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Training: sampling, augmentation, repeatability, resume bookkeeping, DDP on 2 CPU processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from covidseg import CovidSegError
+from covidseg.augment import augment_slice
+from covidseg.config import AugmentParams, parse_params
+from covidseg.dataset import BalancedSampler, SliceDataset, sampling_weights
+from covidseg.model import build_model, check_model_names
+from covidseg.train import TrainPaths, fingerprint, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "arch": "Unet",
+    "encoder": "mobilenet_v2",
+    "prepare": {"image_size": 64},
+    "train": {"epochs": 2, "batch_size": 4, "steps_per_epoch": 2, "num_workers": 0},
+}
+
+
+def paths(tmp_path: Path, prepared: tuple[Path, Path], name: str) -> TrainPaths:
+    out = tmp_path / name
+    return TrainPaths(
+        prepared[0], prepared[1], out / "model", out / "ckpt", out / "train.json", out / "log.csv"
+    )
+
+
+def read_log(path: Path) -> list[list[str]]:
+    """The per-epoch log without its last column (seconds)."""
+    return [line.split(",")[:-1] for line in path.read_text().splitlines()[1:]]
+
+
+def test_sampler_gives_infected_slices_their_share() -> None:
+    positive = np.array([True] * 10 + [False] * 90)
+    weights = sampling_weights(positive, 0.5)
+    assert weights.sum() == pytest.approx(1.0)
+    draws = [i for i, _ in BalancedSampler(positive, 0.5, 4000, seed=0)]
+    assert np.mean(positive[draws]) == pytest.approx(0.5, abs=0.03)
+
+
+def test_sampler_is_a_function_of_seed_and_epoch_and_splits_ranks() -> None:
+    positive = np.array([True, False] * 20)
+    a = BalancedSampler(positive, 0.5, 10, seed=1)
+    a.set_epoch(3)
+    b = BalancedSampler(positive, 0.5, 10, seed=1)
+    b.set_epoch(3)
+    assert list(a) == list(b)
+    b.set_epoch(4)
+    assert list(a) != list(b)
+    ranks = [list(BalancedSampler(positive, 0.5, 5, 1, rank=r, world_size=2)) for r in (0, 1)]
+    single = BalancedSampler(positive, 0.5, 10, 1)
+    assert [x for pair in zip(*ranks, strict=True) for x in pair] == list(single)
+
+
+def test_augmentation_moves_image_and_mask_together() -> None:
+    image = np.zeros((64, 64), np.float32)
+    image[10:20, 40:50] = 1.0
+    mask = (image > 0.5).astype(np.uint8)
+    params = AugmentParams(intensity=0.0)
+    for seed in range(5):
+        out, out_mask = augment_slice(image, mask, params, np.random.default_rng(seed))
+        assert set(np.unique(out_mask)) <= {0, 1}
+        assert np.mean(out[out_mask == 1]) > 0.8  # the lesion pixels still carry the lesion
+        again = augment_slice(image, mask, params, np.random.default_rng(seed))
+        np.testing.assert_array_equal(again[1], out_mask)
+
+
+def test_dataset_reads_single_slices_lazily(prepared) -> None:
+    stores = sorted(prepared[0].glob("*.h5"))
+    data = SliceDataset(stores)
+    image, mask = data[(0, 0)]
+    assert image.shape == (1, 64, 64) and image.dtype == torch.float32
+    assert mask.shape == (64, 64) and mask.dtype == torch.int64
+    assert data.positive.any() and not data.positive.all()
+    assert not data._files or all(f.id.valid for f in data._files.values())
+    import pickle
+
+    assert pickle.loads(pickle.dumps(data))._files == {}  # handles never cross processes
+
+
+def test_unknown_model_names_are_clear_errors() -> None:
+    with pytest.raises(CovidSegError, match="unknown architecture 'UNetXX'"):
+        check_model_names("UNetXX", "resnet18")
+    with pytest.raises(CovidSegError, match="unknown encoder 'resnet999'"):
+        check_model_names("Unet", "resnet999")
+    model = build_model("UnetPlusPlus", "mobilenet_v2", None, 4)
+    assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 4, 64, 64)
+
+
+def test_training_is_repeatable_and_resume_skips_finished_epochs(
+    prepared, tmp_path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = parse_params(TINY)
+    first = train(params, paths(tmp_path, prepared, "a"))
+    second = train(params, paths(tmp_path, prepared, "b"))
+    assert first["final_train_loss"] == second["final_train_loss"]
+    log_a, log_b = (read_log(tmp_path / name / "log.csv") for name in ("a", "b"))
+    assert log_a == log_b and len(log_a) == 2  # every column but the wall-clock seconds
+    spec = json.loads((tmp_path / "a" / "model" / "model.json").read_text())
+    assert spec["encoder"] == "mobilenet_v2" and spec["image_size"] == 64 and spec["run_id"]
+    capsys.readouterr()
+    again = train(params, paths(tmp_path, prepared, "a"))  # checkpoint says: all done
+    assert "resuming after epoch 2" in capsys.readouterr().out
+    assert again["final_train_loss"] == first["final_train_loss"]
+    changed = parse_params({**TINY, "train": {**TINY["train"], "lr": 0.01}})
+    assert fingerprint(changed) != fingerprint(params)
+
+
+def test_ddp_on_two_cpu_processes_keeps_ranks_in_sync(prepared, tmp_path) -> None:
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "epochs": 1}}))
+    out = paths(tmp_path, prepared, "ddp")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        str(ROOT / "stages" / "train.py"),
+        "--data",
+        str(out.data_dir),
+        "--splits",
+        str(out.splits),
+        "--model",
+        str(out.model_dir),
+        "--checkpoints",
+        str(out.checkpoint_dir),
+        "--metrics",
+        str(out.metrics),
+        "--epoch-log",
+        str(out.log),
+        "--params",
+        str(params_file),
+    ]
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "OMP_NUM_THREADS": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(out.metrics.read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
+    assert (out.model_dir / "model.pt").exists()
