@@ -18,6 +18,16 @@ def timed(fn: Callable[[], T]) -> tuple[float, T]:
     return time.perf_counter() - start, result
 
 
+def timed_cpu(fn: Callable[[], T]) -> tuple[float, float, T]:
+    """(wall seconds, this process's CPU seconds, result) of one call.
+
+    CPU time hardly moves when other jobs load the machine; wall time does.
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, result
+
+
 def median(values: Sequence[float]) -> float:
     """Median of the repeats (the noise on a shared 2-core machine is large)."""
     return float(statistics.median(values))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 
 import numpy as np
 import torch
@@ -33,7 +33,8 @@ def predict_volume(
     progress: bool = False,
 ) -> np.ndarray:
     """(slices, H, W) image in [0, 1] -> (C, slices, H, W) float32 probabilities."""
-    model.eval()
+    with suppress(NotImplementedError):  # a torch.export module is already in eval mode
+        model.eval()
     out = []
     starts = range(0, image.shape[0], batch_size)
     for start in tqdm(starts, desc="slices", unit="batch", disable=not progress, leave=False):

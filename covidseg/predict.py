@@ -9,6 +9,7 @@ input's affine, qform/sform and codes, so it overlays the CT in any viewer),
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -67,6 +68,7 @@ def scan_files(inputs: list[Path]) -> list[Path]:
     for path in inputs:
         if path.is_dir():
             found = sorted([*path.glob("*.nii.gz"), *path.glob("*.nii")])
+            found = [f for f in found if not f.name.endswith("_seg.nii.gz")]  # our own outputs
             if not found:
                 raise CovidSegError(f"{path}: no .nii or .nii.gz files in this folder")
             files += found
@@ -125,7 +127,7 @@ def predict_scan(predictor: Predictor, path: Path, out_dir: Path) -> dict:
         "case": case,
         "input": str(path),
         "segmentation": seg_path.name,
-        **severity(labels, volume.spacing, spec.infection_label),
+        **json_safe(severity(labels, volume.spacing, spec.infection_label)),
         "voxel_spacing_mm": [round(s, 4) for s in volume.spacing],
         "model": {"source": predictor.source, **_identity(spec)},
         "seconds": round(time.perf_counter() - start, 2),
@@ -134,6 +136,11 @@ def predict_scan(predictor: Predictor, path: Path, out_dir: Path) -> dict:
     slices = pick_slices(small == spec.infection_label, n=3)
     report_page(report, image, small, slices, out_dir / f"{case}_report.png")
     return report
+
+
+def json_safe(values: dict) -> dict:
+    """NaN (e.g. the share infected of a lung that was not found) becomes JSON null."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in values.items()}
 
 
 def _identity(spec: ModelSpec) -> dict:

@@ -264,78 +264,140 @@ def end_of_epoch(
     return patience is not None and state.bad_epochs >= patience
 
 
-def train(params: Params, paths: TrainPaths) -> dict:
-    """Train (or resume) and write the model folder, metrics and per-epoch log."""
+@dataclass
+class Run:
+    """Everything one training process works with."""
+
+    params: Params
+    paths: TrainPaths
+    dist: Dist
+    device: torch.device
+    classes: int
+    parts: dict
+    net: torch.nn.Module
+    loader: DataLoader
+    loss_fn: SegmentationLoss
+    val_cases: dict
+    state: State
+    fp: str
+    tracker: Tracker | None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.parts["model"]
+
+
+def setup(params: Params, paths: TrainPaths) -> Run:
+    """Data, model, optimizer, checkpoint state and tracking, ready for the first epoch."""
     check_model_names(params.arch, params.encoder)
     splits = load_splits(paths.splits)
     device = resolve_device(params.train.device)
     dist_info = init_distributed(device)
     seed_everything(params.train.seed)
     classes = 1 if params.prepare.target == "infection" else 4
-    infection_label = 1 if classes == 1 else 3
     train_set = SliceDataset(store_paths(paths.data_dir, splits["train"]), params.train.augment)
     val_paths = store_paths(paths.data_dir, splits.get("val", []))
     val_cases = {p.stem: read_arrays(p) for p in val_paths} if dist_info.main else {}
-    loader = make_loader(train_set, params, dist_info, device)
     parts = build_parts(params, classes, device)
-    module = parts["model"]
     paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    last = paths.checkpoint_dir / "last.pt"
     fp = fingerprint(params)
-    state = load_checkpoint(last, parts, fp) or State()
+    state = load_checkpoint(paths.checkpoint_dir / "last.pt", parts, fp) or State()
     if state.epoch and dist_info.main:
         print(f"train: resuming after epoch {state.epoch} of {params.train.epochs}")
-    net = module
+    net = parts["model"]
     if dist_info.world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(module)
+        net = torch.nn.parallel.DistributedDataParallel(net)
     tracker = Tracker.start(params, run_id=state.run_id, stage="train") if dist_info.main else None
     state.run_id = tracker.run_id if tracker else state.run_id
-    loss_fn = SegmentationLoss(params.train.loss, classes)
-    speed = 0.0
-    for epoch in range(state.epoch + 1, params.train.epochs + 1):
-        start = time.perf_counter()
-        train_loss, seen = train_epoch(
-            net, loader, loss_fn, parts["optimizer"], device, params, epoch, dist_info.main
+    return Run(
+        params,
+        paths,
+        dist_info,
+        device,
+        classes,
+        parts,
+        net,
+        make_loader(train_set, params, dist_info, device),
+        SegmentationLoss(params.train.loss, classes),
+        val_cases,
+        state,
+        fp,
+        tracker,
+    )
+
+
+def record_epoch(run: Run, epoch: int, train_loss: float, lr: float, start: float) -> bool:
+    """Validate, checkpoint, log; True when early stopping says stop (main process only)."""
+    val_loss, dices = None, {}
+    if run.val_cases:
+        val_loss, dices = validate(
+            run.module,
+            run.val_cases,
+            run.loss_fn,
+            run.device,
+            run.params.evaluate.batch_size,
+            run.params.train.bf16,
+            1 if run.classes == 1 else 3,
         )
-        lr = parts["scheduler"].get_last_lr()[0]
-        parts["scheduler"].step()
-        speed = seen * dist_info.world_size / (time.perf_counter() - start)
-        stop = torch.zeros(1)
-        if dist_info.main:
-            val_loss, dices = (None, {})
-            if val_cases:
-                val_loss, dices = validate(
-                    module,
-                    val_cases,
-                    loss_fn,
-                    device,
-                    params.evaluate.batch_size,
-                    params.train.bf16,
-                    infection_label,
-                )
-            row = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                "val_dice": float(np.mean(list(dices.values()))) if dices else None,
-                "lr": lr,
-                "seconds": time.perf_counter() - start,
-            }
-            stop[0] = float(end_of_epoch(state, row, params, module, paths.checkpoint_dir))
-            save_checkpoint(last, state, parts, fp)
-            write_log(paths.log, state.history)
-            tracker.log_metrics(
-                {**row, **{f"val_dice.{c}": d for c, d in dices.items()}}, step=epoch
-            )
-        if dist_info.world_size > 1:
-            dist.broadcast(stop, src=0)
-        if stop.item():
-            break
-    in_sync = ranks_in_sync(module, dist_info)
+    row = {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "val_dice": float(np.mean(list(dices.values()))) if dices else None,
+        "lr": lr,
+        "seconds": time.perf_counter() - start,
+    }
+    stop = end_of_epoch(run.state, row, run.params, run.module, run.paths.checkpoint_dir)
+    save_checkpoint(run.paths.checkpoint_dir / "last.pt", run.state, run.parts, run.fp)
+    write_log(run.paths.log, run.state.history)
+    run.tracker.log_metrics({**row, **{f"val_dice.{c}": d for c, d in dices.items()}}, epoch)
+    return stop
+
+
+def one_epoch(run: Run, epoch: int) -> tuple[bool, float]:
+    """Train, then (main process) record; returns (stop, slices per second)."""
+    start = time.perf_counter()
+    train_loss, seen = train_epoch(
+        run.net,
+        run.loader,
+        run.loss_fn,
+        run.parts["optimizer"],
+        run.device,
+        run.params,
+        epoch,
+        run.dist.main,
+    )
+    lr = run.parts["scheduler"].get_last_lr()[0]
+    run.parts["scheduler"].step()
+    speed = seen * run.dist.world_size / (time.perf_counter() - start)
+    stop = torch.zeros(1)
+    if run.dist.main:
+        stop[0] = float(record_epoch(run, epoch, train_loss, lr, start))
+    if run.dist.world_size > 1:
+        dist.broadcast(stop, src=0)
+    return bool(stop.item()), speed
+
+
+def train(params: Params, paths: TrainPaths) -> dict:
+    """Train (or resume) and write the model folder, metrics and per-epoch log."""
+    run = setup(params, paths)
+    speed = 0.0
+    try:
+        for epoch in range(run.state.epoch + 1, params.train.epochs + 1):
+            stop, speed = one_epoch(run, epoch)
+            if stop:
+                break
+    except BaseException as error:
+        if run.tracker:
+            run.tracker.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+    in_sync = ranks_in_sync(run.module, run.dist)
     summary = {}
-    if dist_info.main:
-        summary = finish(params, paths, state, classes, speed, dist_info, in_sync, tracker)
-    if dist_info.world_size > 1:
+    if run.dist.main:
+        summary = finish(
+            params, paths, run.state, run.classes, speed, run.dist, in_sync, run.tracker
+        )
+    if run.dist.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
     return summary

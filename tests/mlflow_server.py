@@ -102,10 +102,11 @@ class MlflowServer:
         """The end of the server's output."""
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
-    def stop(self, grace: float = 10.0) -> None:
+    def stop(self, grace: float = 5.0) -> None:
         """SIGTERM the process group, wait up to `grace` s for `mlflow server` to exit, then
         SIGKILL the group: uvicorn workers and MLflow's job runners (huey consumers, which
-        outlive the server for a while) share it."""
+        outlive the server for a while) share it. Uvicorn waits for open keep-alive
+        connections (MLflow clients in this process hold some), hence the bound."""
         process, self.process = self.process, None
         if process is None:
             return

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from phantoms import AIR_HU, LESION_HU, LUNG_HU, PhantomCase, hu_to_uint8
+from phantoms import AIR_HU, BODY_HU, LESION_HU, LUNG_HU, PhantomCase, hu_to_uint8
 from PIL import Image
 
 from covidseg.cli import main
@@ -83,10 +83,12 @@ def write_scan(path: Path, array: np.ndarray, affine: np.ndarray, codes: tuple[i
 
 
 def read_labels(path: Path) -> np.ndarray:
+    """A label volume's array as on disk."""
     return np.asarray(nib.load(path).dataobj)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two masks (non-zero = inside)."""
     a, b = a > 0, b > 0
     return 2.0 * int((a & b).sum()) / int(a.sum() + b.sum())
 
@@ -109,10 +111,12 @@ class Run:
 
     @property
     def name(self) -> str:
+        """The case name the outputs carry."""
         return self.seg.name.removesuffix("_seg.nii.gz")
 
     @property
     def seg(self) -> Path:
+        """The written label volume."""
         return self.out / self.report["segmentation"]
 
 
@@ -128,6 +132,7 @@ SCANS = {
 def run_oracle(
     predictor: Predictor, case: PhantomCase, name: str, codes: tuple[int, int], folder: Path
 ) -> Run:
+    """Write the phantom as `name` with the given codes and segment it with `predictor`."""
     scan = write_scan(folder / name, case.image, case.affine, codes)
     out = folder / "out"
     out.mkdir(exist_ok=True)
@@ -181,6 +186,7 @@ def test_labels_lie_on_the_input_grid(predicted: Run) -> None:
 
 
 def test_oracle_labels_equal_the_phantom_mask_on_disk(predicted: Run) -> None:
+    """Reoriented, padded, predicted and brought back: voxel for voxel the phantom's mask."""
     labels = read_labels(predicted.seg)
     assert predicted.case.lesion_voxels > 0
     np.testing.assert_array_equal(labels, predicted.case.infection)
@@ -242,6 +248,7 @@ def test_resizing_down_and_back_keeps_lesions_in_place(
 
 
 def test_lung_oracle_labels_equal_the_phantom_lungs(lung_predicted: Run) -> None:
+    """Left (1) and right (2) come back on the patient's own sides, infection (3) on top."""
     np.testing.assert_array_equal(
         read_labels(lung_predicted.seg), lung_predicted.case.lung_and_infection
     )
@@ -265,6 +272,22 @@ def test_lung_report_per_lung_volume_share_and_grade(lung_predicted: Run) -> Non
     assert report["model"]["target"] == "lung_infection"
     path = lung_predicted.out / f"{lung_predicted.name}_report.json"
     assert json.loads(path.read_text()) == report
+
+
+def test_lung_report_of_a_scan_without_lungs_is_strict_json(
+    phantom_cases: list[PhantomCase], tmp_path: Path
+) -> None:
+    """No lung found (e.g. an abdominal scan): zero volumes and grades, and no NaN in the JSON."""
+    case = phantom_cases[0]
+    image = np.where(case.lung > 0, BODY_HU, case.hu).astype(np.int16)
+    scan = write_scan(tmp_path / "patient_b.nii.gz", image, case.affine, (1, 1))
+    predict_scan(oracle(LungOracle(), 4, 64), scan, tmp_path)
+
+    text = (tmp_path / "patient_b_report.json").read_text()
+    report = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON: {text}"))
+    assert report["lesion_volume_ml"] == 0
+    assert report["left_lung_volume_ml"] == report["right_lung_volume_ml"] == 0
+    assert report["left_lung_grade"] == report["right_lung_grade"] == report["total_grade"] == 0
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +334,7 @@ def test_cli_with_a_model_folder_refuses_bad_files_and_carries_on(
         [*command, "-o", str(out), "--device", "cpu"],
         capture_output=True,
         text=True,
-        env=clean_env(),
+        env={**clean_env(), "OMP_NUM_THREADS": "1"},  # a small model: threads only contend
         cwd=tmp_path,
         timeout=300,
     )
@@ -335,6 +358,7 @@ def test_cli_with_a_model_folder_refuses_bad_files_and_carries_on(
 def test_cli_missing_input_is_a_one_line_error(
     unet_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A CT path that does not exist stops the command with one line naming it."""
     missing = tmp_path / "nowhere.nii.gz"
     code = main(["predict", str(missing), "--model", str(unet_folder), "-o", str(tmp_path / "o")])
     assert code == 1
