@@ -191,6 +191,9 @@ def test_run_page_shows_params_metrics_and_overlay(
     overlay = out / "reports" / "overlays" / f"{case}.png"
     artifact = f"evaluation/overlays/{case}.png"
     assert artifact in [a.path for a in client.list_artifacts(run_id, "evaluation/overlays")]
+    model = PARAMS.tracking.registered_model
+    version = client.get_model_version_by_alias(model, PARAMS.tracking.alias)
+    assert version.run_id == run_id
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
@@ -207,6 +210,8 @@ def test_run_page_shows_params_metrics_and_overlay(
             close_assistant = page.locator('[data-component-id$="assistant.chat_panel.close"]')
             if close_assistant.count():  # a side panel that would squeeze the screenshots
                 close_assistant.first.click()
+            registered = page.locator(f'a[href$="/models/{model}/versions/{version.version}"]')
+            expect(registered.first).to_be_visible()  # "Registered models: covidseg v1"
             page.screenshot(path=screenshots / "01-run-overview.png")
 
             assert row_value(page, "train.epochs") == "1"
@@ -250,7 +255,8 @@ def test_readme_server_refuses_foreign_host_headers(server: MlflowServer) -> Non
     command = server.command
     assert command[command.index("--host") + 1] == "127.0.0.1"  # loopback only, as documented
     port = server.port
-    for path in ("/", "/api/2.0/mlflow/experiments/search?max_results=5"):
+    api = "/api/2.0/mlflow/experiments/search?max_results=5"
+    for path in ("/", api):
         for host in ("evil.example.com", f"evil.example.com:{port}"):
             refused = requests.get(server.url + path, headers={"Host": host}, timeout=30)
             assert refused.status_code == 403, (path, host, refused.status_code)
@@ -259,7 +265,7 @@ def test_readme_server_refuses_foreign_host_headers(server: MlflowServer) -> Non
         for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
             served = requests.get(server.url + path, headers={"Host": host}, timeout=30)
             assert served.status_code == 200, (path, host, served.status_code)
-    listed = requests.get(f"{server.url}/api/2.0/mlflow/experiments/search", timeout=30)
+    listed = requests.get(server.url + api, timeout=30)  # no Host given: the URL's
     assert "experiments" in listed.json()
 
 
