@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _report import load_note, machine_note, median, spread, table, timed
+from _report import load_note, machine_note, median, spread, table, timed, timed_cpu
 from _synth import make_phantom, write_case_store
 
 from covidseg.config import Params, TrainParams
@@ -31,6 +31,7 @@ from covidseg.store import read_arrays, read_meta
 
 DEVICE = torch.device("cpu")
 ORIGINAL = 512
+ORDER = ("predict_case", "bare model(batch) loop", "bare, channels_last", "case_metrics")
 
 
 def realistic_prediction(ref: np.ndarray) -> np.ndarray:
@@ -38,7 +39,9 @@ def realistic_prediction(ref: np.ndarray) -> np.ndarray:
     return np.roll(ref, shift=(2, 3), axis=(1, 2))
 
 
-def bare_inference(model: torch.nn.Module, image: np.ndarray, batch: int, channels_last: bool):
+def bare_inference(
+    model: torch.nn.Module, image: np.ndarray, batch: int, channels_last: bool
+) -> None:
     """`model(batch)` over every slice, tensors ready in memory, no post-processing."""
     x = torch.from_numpy(image.astype(np.float32))[:, None]
     if channels_last:
@@ -63,8 +66,8 @@ def breakdown(model: torch.nn.Module, image: np.ndarray, shape: tuple, params: P
     return t
 
 
-def run(args: argparse.Namespace, root: Path) -> tuple[dict[str, list[float]], dict, str]:
-    """Timings per repeat of every measured path."""
+def run(args: argparse.Namespace, root: Path) -> tuple[dict, dict, dict, str]:
+    """Wall and CPU seconds per repeat of every measured path, the breakdown, a note."""
     phantom = make_phantom(args.slices, ORIGINAL, seed=0)
     store = root / "coronacases_001.h5"
     write_case_store(store, phantom, args.size)
@@ -77,20 +80,24 @@ def run(args: argparse.Namespace, root: Path) -> tuple[dict[str, list[float]], d
     pred = realistic_prediction(ref)
     bare_inference(model, image[:batch], batch, False)  # warm-up
     times: dict[str, list[float]] = {}
+    cpu_times: dict[str, list[float]] = {}
     parts: list[dict] = []
-    for _ in range(args.repeats):
-        for name, fn in (
-            ("predict_case", lambda: predict_case(model, image, shape, params, DEVICE)),
-            ("bare model(batch) loop", lambda: bare_inference(model, image, batch, False)),
-            ("bare, channels_last", lambda: bare_inference(model, image, batch, True)),
-            ("case_metrics", lambda: case_metrics(pred, ref, meta.original_spacing, 3.0)),
-        ):
-            times.setdefault(name, []).append(timed(fn)[0])
+    paths = [
+        ("predict_case", lambda: predict_case(model, image, shape, params, DEVICE)),
+        ("bare model(batch) loop", lambda: bare_inference(model, image, batch, False)),
+        ("bare, channels_last", lambda: bare_inference(model, image, batch, True)),
+        ("case_metrics", lambda: case_metrics(pred, ref, meta.original_spacing, 3.0)),
+    ]
+    for r in range(args.repeats):
+        for name, fn in paths[r % 4 :] + paths[: r % 4]:  # rotate: no path is always first
+            wall, cpu, _ = timed_cpu(fn)
+            times.setdefault(name, []).append(wall)
+            cpu_times.setdefault(name, []).append(cpu)
         parts.append(breakdown(model, image, shape, params))
     med_parts = {k: median([p[k] for p in parts]) for k in parts[0]}
     dice = case_metrics(pred, ref, meta.original_spacing, 3.0)["dice"]
     note = f"read store {read_s:.2f} s; metrics on a prediction with Dice {dice:.2f}"
-    return times, med_parts, note
+    return times, cpu_times, med_parts, note
 
 
 def parse_args() -> argparse.Namespace:
@@ -116,18 +123,24 @@ def main() -> None:
         f" grid {args.slices}x{ORIGINAL}x{ORIGINAL}; median of {args.repeats} repeats"
     )
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
-        times, parts, note = run(args, Path(tmp))
+        times, cpu_times, parts, note = run(args, Path(tmp))
     med = {k: median(v) for k, v in times.items()}
-    rows = [[k, med[k], spread(v), args.slices / med[k]] for k, v in times.items()]
-    print(table(["path", "s", "range", "slices/s"], rows))
+    cpu = {k: median(v) for k, v in cpu_times.items()}
+    rows = [[k, med[k], spread(times[k]), args.slices / med[k], cpu[k]] for k in ORDER]
+    print(table(["path", "wall s", "range", "slices/s", "CPU s (2 threads)"], rows))
     print("\npredict_case broken down (s):")
     print(table(["step", "s"], [[k, v] for k, v in parts.items()]))
     print(note)
-    bare = med["bare model(batch) loop"]
-    print(f"ratio predict_case / bare inference: {med['predict_case'] / bare:.2f}x")
-    total = med["predict_case"] + med["case_metrics"]
-    print(f"ratio (predict_case + case_metrics) / bare inference: {total / bare:.2f}x")
-    print(f"ratio bare channels_last / bare: {med['bare, channels_last'] / bare:.2f}x")
+    for label, m in (("wall", med), ("CPU", cpu)):
+        bare = m["bare model(batch) loop"]
+        total = m["predict_case"] + m["case_metrics"]
+        print(
+            f"{label} ratios vs bare inference: predict_case {m['predict_case'] / bare:.2f}x, "
+            f"predict_case + case_metrics {total / bare:.2f}x, "
+            f"bare channels_last {m['bare, channels_last'] / bare:.2f}x"
+        )
+    post = sum(v for k, v in parts.items() if k != "predict")
+    print(f"breakdown: steps after prediction add {post / parts['predict']:.1%} to it")
     print(load_note())
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from _report import load_note, machine_note, median, spread, table, timed, verdict
 from _synth import make_phantom, write_case_store
+from torch.utils.data import DataLoader
 
 from covidseg.config import Params, PrepareParams, TrainParams
 from covidseg.dataset import SliceDataset
@@ -51,7 +52,9 @@ def build_stores(root: Path, size: int) -> list[Path]:
     return paths
 
 
-def stage_epoch(parts: dict, loader: object, loss_fn: SegmentationLoss, params: Params, epoch: int):
+def stage_epoch(
+    parts: dict, loader: DataLoader, loss_fn: SegmentationLoss, params: Params, epoch: int
+) -> tuple[float, int]:
     """`train_epoch` as the stage calls it on the main rank (progress bar on, sent nowhere)."""
     with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
         return train_epoch(
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace, root: Path) -> tuple[list[float], list[float],
     loader.sampler.num_samples = args.batch  # warm-up epoch: one batch, starts the worker
     warm, _ = timed(lambda: stage_epoch(parts, loader, loss_fn, params, epoch=1))
     loader.sampler.num_samples = full
-    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=args.batch)))
+    batch = next(iter(DataLoader(dataset, batch_size=args.batch)))
     bare_steps(parts, batch, loss_fn, 1)
     stage, bare = [], []
     for r in range(args.repeats):

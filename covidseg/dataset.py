@@ -59,7 +59,8 @@ class SliceDataset(Dataset):
         mask = f["mask"][k]
         if self.augment is not None and seed is not None:
             image, mask = augment_slice(image, mask, self.augment, np.random.default_rng(seed))
-        return torch.from_numpy(image)[None], torch.from_numpy(mask.astype(np.int64))
+        # uint8 masks cross from workers at an eighth of int64's size; the step widens them
+        return torch.from_numpy(image)[None], torch.from_numpy(np.ascontiguousarray(mask))
 
 
 def sampling_weights(positive: np.ndarray, positive_fraction: float) -> np.ndarray:

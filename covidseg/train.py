@@ -180,7 +180,7 @@ def train_epoch(
     bar = tqdm(loader, desc=f"epoch {epoch}/{params.train.epochs}", unit="batch", disable=not show)
     for image, target in bar:
         image = image.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True).long()
         if device.type == "cuda":
             image = image.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)

@@ -131,7 +131,8 @@ def check_finite(data: np.ndarray, case: str, what: str) -> None:
 def label_values(mask: np.ndarray) -> set[int]:
     """The set of values in a mask; fast for small non-negative integers."""
     if np.issubdtype(mask.dtype, np.unsignedinteger) and mask.dtype.itemsize <= 2:
-        return {int(v) for v in np.flatnonzero(np.bincount(mask.ravel()))}
+        # order="K": nibabel arrays are Fortran-ordered; a C-order ravel would copy the volume
+        return {int(v) for v in np.flatnonzero(np.bincount(mask.ravel(order="K")))}
     return {float(v) if not float(v).is_integer() else int(v) for v in np.unique(mask)}
 
 

@@ -80,7 +80,7 @@ def test_dataset_reads_single_slices_lazily(prepared) -> None:
     data = SliceDataset(stores)
     image, mask = data[(0, 0)]
     assert image.shape == (1, 64, 64) and image.dtype == torch.float32
-    assert mask.shape == (64, 64) and mask.dtype == torch.int64
+    assert mask.shape == (64, 64) and mask.dtype == torch.uint8
     assert data.positive.any() and not data.positive.all()
     assert not data._files or all(f.id.valid for f in data._files.values())
     import pickle
