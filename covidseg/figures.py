@@ -317,7 +317,7 @@ def training_curves(log: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-REPORT_INCHES = (8.27, 11.0)  # about A4 portrait
+REPORT_INCHES = (8.27, 8.5)  # A4 width
 REPORT_ROWS = (
     ("lesion_volume_ml", "Lesion volume", "{:.1f} mL"),
     ("slices_involved", "Slices with infection", "{:d}"),
@@ -343,6 +343,13 @@ def _report_lines(report: Mapping[str, object]) -> list[tuple[str, str]]:
     return lines
 
 
+def _cell(value: object) -> str:
+    """A table cell: floats to 3 decimals, missing values as n/a."""
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def report_page(
     report: Mapping[str, object],
     image: np.ndarray,
@@ -352,14 +359,14 @@ def report_page(
 ) -> Path:
     """One page: title, severity table, model identity and prediction overlays."""
     fig = Figure(figsize=REPORT_INCHES, dpi=DPI, layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=(0.9, 1.0))
+    top, bottom = fig.subfigures(2, 1, height_ratios=(0.75, 1.0))
     top.suptitle(f"Infection report: {report.get('case', '')}", fontsize=15, fontweight="bold")
     ax = top.subplots()
     ax.set_axis_off()
     rows = (
         _report_lines(report)
         + [("", "")]
-        + [(f"Model {k}", str(v)) for k, v in dict(report.get("model", {})).items()]
+        + [(f"Model {k}", _cell(v)) for k, v in dict(report.get("model", {})).items()]
     )
     table = ax.table(
         cellText=[[a, b] for a, b in rows],
