@@ -153,3 +153,27 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_in_sync(prepared, tmp_path) -> Non
     summary = json.loads(out.metrics.read_text())
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
     assert (out.model_dir / "model.pt").exists()
+
+
+def test_imagenet_weights_offline_is_one_clear_line(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what a machine without network amounts to
+    with pytest.raises(CovidSegError) as error:
+        build_model("Unet", "resnet18", "imagenet", 1)
+    message = str(error.value)
+    assert "train.encoder_weights" in message and "null" in message and "\n" not in message
+
+
+def test_early_stopping_counts_epochs_without_improvement(tmp_path) -> None:
+    from covidseg.train import State, end_of_epoch
+
+    params = parse_params({"train": {"early_stopping_patience": 2}})
+    model = torch.nn.Conv2d(1, 1, 1)
+    state = State()
+    dices = [0.1, 0.3, 0.2, 0.25, 0.5]
+    stops = [
+        end_of_epoch(state, {"epoch": e, "train_loss": 1.0, "val_dice": d}, params, model, tmp_path)
+        for e, d in enumerate(dices, start=1)
+    ]
+    assert stops == [False, False, False, True, False]  # epochs 3 and 4 did not beat 0.3
+    assert (state.best_epoch, state.best_dice) == (5, 0.5)
+    assert (tmp_path / "best.pt").exists()
