@@ -32,12 +32,24 @@ def _warp(image: np.ndarray, mask: np.ndarray, theta: torch.Tensor):
     return img[0, 0].numpy(), msk[0, 0].numpy().astype(mask.dtype)
 
 
+SIDE_SWAP = np.array([0, 2, 1, 3], dtype=np.uint8)  # left lung <-> right lung in a mirror
+
+
 def augment_slice(
-    image: np.ndarray, mask: np.ndarray, params: AugmentParams, rng: np.random.Generator
+    image: np.ndarray,
+    mask: np.ndarray,
+    params: AugmentParams,
+    rng: np.random.Generator,
+    sided: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Randomly transform one (H, W) float32 image in [0, 1] and its (H, W) label mask."""
+    """Randomly transform one (H, W) float32 image in [0, 1] and its (H, W) label mask.
+
+    `sided`: the mask holds left (1) and right (2) lung labels, which a mirror swaps.
+    """
     if params.flip and rng.random() < 0.5:
         image, mask = image[:, ::-1], mask[:, ::-1]
+        if sided:
+            mask = SIDE_SWAP[mask]
     angle = rng.uniform(-params.rotate_deg, params.rotate_deg) if params.rotate_deg else 0.0
     scale = rng.uniform(1 - params.scale, 1 + params.scale) if params.scale else 1.0
     if angle or scale != 1.0:

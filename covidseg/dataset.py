@@ -23,8 +23,11 @@ from covidseg.store import read_meta
 class SliceDataset(Dataset):
     """Every slice of the given stores; an item is `(index, seed)` or a plain index."""
 
-    def __init__(self, paths: list[Path], augment: AugmentParams | None = None) -> None:
+    def __init__(
+        self, paths: list[Path], augment: AugmentParams | None = None, sided: bool = False
+    ) -> None:
         self.paths = [Path(p) for p in paths]
+        self.sided = sided
         self.augment = augment if augment is not None and augment.enabled else None
         refs, positive = [], []
         for store, path in enumerate(self.paths):
@@ -58,7 +61,8 @@ class SliceDataset(Dataset):
         image = f["image"][k].astype(np.float32)
         mask = f["mask"][k]
         if self.augment is not None and seed is not None:
-            image, mask = augment_slice(image, mask, self.augment, np.random.default_rng(seed))
+            rng = np.random.default_rng(seed)
+            image, mask = augment_slice(image, mask, self.augment, rng, self.sided)
         # uint8 masks cross from workers at an eighth of int64's size; the step widens them
         return torch.from_numpy(image)[None], torch.from_numpy(np.ascontiguousarray(mask))
 

@@ -45,7 +45,10 @@ def predict_volume(
         with autocast(device, bf16):
             prob = probabilities(model(batch))
             if tta_flip:
-                prob = (prob + probabilities(model(batch.flip(-1))).flip(-1)) / 2
+                mirrored = probabilities(model(batch.flip(-1))).flip(-1)
+                if mirrored.shape[1] == 4:  # a mirror swaps the left and right lung channels
+                    mirrored = mirrored[:, [0, 2, 1, 3]]
+                prob = (prob + mirrored) / 2
         out.append(prob.float().cpu())
     return torch.cat(out).permute(1, 0, 2, 3).numpy()
 

@@ -237,7 +237,10 @@ class Tracker:
         if run_id and self._reopen(run_id, params, tags):
             return
         location = (root / "mlartifacts").absolute().as_uri()
-        forced = location if uri == default_tracking_uri(root) else None
+        # a server keeps its own artifacts; any local store (sqlite, a folder) gets ours, so
+        # runs from DVC's temporary experiment copies never land in a folder that is deleted
+        remote = uri.startswith(("http://", "https://", "databricks"))
+        forced = None if remote else location
         self._create(params, tags, self._experiment_id(params.tracking.experiment, forced))
 
     def _experiment_id(self, name: str, artifact_location: str | None) -> str:
@@ -287,14 +290,23 @@ class Tracker:
                 file=sys.stderr,
             )
             return False
+        flat = {key: _param_text(value) for key, value in flatten(params).items()}
+        known = run.data.params
+        diverged = any(known.get(k, v) != v for k, v in flat.items())
+        exp_name = tags.get("dvc.exp_name")
+        if diverged or (exp_name and run.data.tags.get("dvc.exp_name", exp_name) != exp_name):
+            # e.g. only evaluate reran, in another experiment: a run of its own, linked back
+            print(
+                f"note: MLflow run {run_id} was made with other params; starting a new "
+                "run linked to it",
+                file=sys.stderr,
+            )
+            tags["covidseg.train_run_id"] = run_id
+            return False
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         self.run_id = run_id
-        known = run.data.params
-        flat = {key: _param_text(value) for key, value in flatten(params).items()}
         new = [Param(key, value) for key, value in flat.items() if key not in known]
-        changed = {f"param_changed.{k}": v for k, v in flat.items() if known.get(k, v) != v}
-        tag_list = [RunTag(key, value) for key, value in (tags | changed).items()]
-        client.log_batch(run_id, params=new, tags=tag_list)
+        client.log_batch(run_id, params=new, tags=[RunTag(k, v) for k, v in tags.items()])
         return True
 
     def _log_metrics(self, metrics: dict[str, float | None], step: int | None) -> None:

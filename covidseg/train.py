@@ -58,10 +58,10 @@ class Dist:
         return self.rank == 0
 
 
-def fingerprint(params: Params) -> str:
-    """What a checkpoint must match to be resumed: model, recipe, data and split params."""
+def fingerprint(params: Params, splits: dict[str, list[str]]) -> str:
+    """What a checkpoint must match to be resumed: model, recipe, data params and the split."""
     keys = {"arch", "encoder", "train", "prepare", "split"}
-    blob = json.dumps(params.model_dump(mode="json", include=keys), sort_keys=True)
+    blob = json.dumps([params.model_dump(mode="json", include=keys), splits], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -128,6 +128,7 @@ class State:
     best_epoch: int = 0
     best_dice: float = -1.0
     bad_epochs: int = 0
+    complete: bool = False
 
 
 def save_checkpoint(path: Path, state: State, parts: dict, fp: str) -> None:
@@ -140,6 +141,7 @@ def save_checkpoint(path: Path, state: State, parts: dict, fp: str) -> None:
             "torch": torch.get_rng_state(),
             "numpy": np.random.get_state(),
             "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         },
         **{name: obj.state_dict() for name, obj in parts.items()},
     }
@@ -153,13 +155,19 @@ def load_checkpoint(path: Path, parts: dict, fp: str) -> State | None:
         return None
     payload = torch.load(path, map_location="cpu", weights_only=False)
     if payload.get("fingerprint") != fp:
-        print(f"train: {path} was made with other params; starting afresh")
+        print(f"train: {path} was made with other params or another split; starting afresh")
+        return None
+    if payload["state"].get("complete"):
+        # DVC reran a finished stage, so something it depends on changed: train again
+        print(f"train: {path} holds a finished run; starting afresh")
         return None
     for name, obj in parts.items():
         obj.load_state_dict(payload[name])
     torch.set_rng_state(payload["rng"]["torch"])
     np.random.set_state(payload["rng"]["numpy"])
     random.setstate(payload["rng"]["python"])
+    if payload["rng"].get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
     return State(**payload["state"])
 
 
@@ -203,7 +211,8 @@ def ranks_in_sync(model: torch.nn.Module, dist_info: Dist) -> bool:
     """True when every rank holds the same weights (trivially so without DDP)."""
     if dist_info.world_size == 1:
         return True
-    digest = torch.tensor([weights_digest(model)], dtype=torch.float64)
+    device = next(model.parameters()).device
+    digest = torch.tensor([weights_digest(model)], dtype=torch.float64, device=device)
     gathered = [torch.zeros_like(digest) for _ in range(dist_info.world_size)]
     dist.all_gather(gathered, digest)
     return all(torch.equal(g, gathered[0]) for g in gathered)
@@ -295,15 +304,19 @@ def setup(params: Params, paths: TrainPaths) -> Run:
     dist_info = init_distributed(device)
     seed_everything(params.train.seed)
     classes = 1 if params.prepare.target == "infection" else 4
-    train_set = SliceDataset(store_paths(paths.data_dir, splits["train"]), params.train.augment)
+    train_set = SliceDataset(
+        store_paths(paths.data_dir, splits["train"]), params.train.augment, sided=classes > 1
+    )
     val_paths = store_paths(paths.data_dir, splits.get("val", []))
     val_cases = {p.stem: read_arrays(p) for p in val_paths} if dist_info.main else {}
     parts = build_parts(params, classes, device)
     paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    fp = fingerprint(params)
+    fp = fingerprint(params, splits)
     state = load_checkpoint(paths.checkpoint_dir / "last.pt", parts, fp) or State()
     if state.epoch and dist_info.main:
         print(f"train: resuming after epoch {state.epoch} of {params.train.epochs}")
+    if not val_paths and dist_info.main:
+        print("train: no validation cases; the best epoch is the one with the lowest train loss")
     net = parts["model"]
     if dist_info.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(net)
@@ -370,7 +383,7 @@ def one_epoch(run: Run, epoch: int) -> tuple[bool, float]:
     lr = run.parts["scheduler"].get_last_lr()[0]
     run.parts["scheduler"].step()
     speed = seen * run.dist.world_size / (time.perf_counter() - start)
-    stop = torch.zeros(1)
+    stop = torch.zeros(1, device=run.device)  # nccl only carries device tensors
     if run.dist.main:
         stop[0] = float(record_epoch(run, epoch, train_loss, lr, start))
     if run.dist.world_size > 1:
@@ -397,6 +410,8 @@ def train(params: Params, paths: TrainPaths) -> dict:
         summary = finish(
             params, paths, run.state, run.classes, speed, run.dist, in_sync, run.tracker
         )
+        run.state.complete = True
+        save_checkpoint(paths.checkpoint_dir / "last.pt", run.state, run.parts, run.fp)
     if run.dist.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -24,6 +24,7 @@ def validate(
     batch_size: int,
     bf16: bool,
     infection_label: int,
+    threshold: float = 0.5,
 ) -> tuple[float, dict[str, float]]:
     """(mean slice loss, {case: infection Dice}) over whole validation volumes."""
     model.eval()
@@ -39,7 +40,7 @@ def validate(
             total += loss_fn(logits, target).item() * len(image)
             count += len(image)
             prob = probabilities(logits).permute(1, 0, 2, 3).cpu().numpy()
-            labels.append(to_labels(prob, 0.5))
+            labels.append(to_labels(prob, threshold))
         pred = np.concatenate(labels) == infection_label
         dices[case] = dice(pred, arrays["mask"] == infection_label)
     return total / max(count, 1), dices

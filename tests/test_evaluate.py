@@ -79,4 +79,3 @@ def test_lung_infection_model_reports_per_class_and_per_lung(
     assert json.loads(paths.metrics.read_text())["n_cases"] == 1
     assert (paths.reports / "overlays" / f"{case.name}.png").exists()
     assert (paths.reports / "training_curves.png").exists()
-

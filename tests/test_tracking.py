@@ -149,8 +149,7 @@ def test_reopening_by_run_id_adds_to_the_same_run(
     monkeypatch.chdir(workspace)  # as in `dvc exp run --temp`: the store is the real repo's
     with Tracker.start(params("reopen"), stage="train") as train:
         train.log_metrics({"val.dice": 0.7}, step=3)
-    changed = params("reopen", evaluate=EvaluateParams(threshold=0.4))
-    with Tracker.start(changed, run_id=train.run_id, stage="evaluate") as evaluate:
+    with Tracker.start(params("reopen"), run_id=train.run_id, stage="evaluate") as evaluate:
         evaluate.log_metrics({"test.dice": 0.6})
 
     assert evaluate.run_id == train.run_id
@@ -160,8 +159,15 @@ def test_reopening_by_run_id_adds_to_the_same_run(
     assert run.info.status == "FINISHED"
     assert run.data.metrics == {"val.dice": 0.7, "test.dice": 0.6}
     assert run.data.tags["stage"] == "evaluate"
-    assert run.data.params["evaluate.threshold"] == "0.5"
-    assert run.data.tags["param_changed.evaluate.threshold"] == "0.4"
+
+    # only evaluate reran, with another threshold: its own run, linked to the training run
+    changed = params("reopen", evaluate=EvaluateParams(threshold=0.4))
+    with Tracker.start(changed, run_id=train.run_id, stage="evaluate") as again:
+        again.log_metrics({"test.dice": 0.5})
+    assert again.run_id != train.run_id
+    linked = {r.info.run_id: r for r in runs(repo, "reopen")}[again.run_id]
+    assert linked.data.tags["covidseg.train_run_id"] == train.run_id
+    assert linked.data.params["evaluate.threshold"] == "0.4"
 
 
 def test_a_run_id_the_store_lacks_starts_a_new_run(

@@ -101,6 +101,7 @@ def test_training_is_repeatable_and_resume_skips_finished_epochs(
     prepared, tmp_path, monkeypatch, capsys
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # the store's artifacts go next to it
     params = parse_params(TINY)
     first = train(params, paths(tmp_path, prepared, "a"))
     second = train(params, paths(tmp_path, prepared, "b"))
@@ -110,11 +111,14 @@ def test_training_is_repeatable_and_resume_skips_finished_epochs(
     spec = json.loads((tmp_path / "a" / "model" / "model.json").read_text())
     assert spec["encoder"] == "mobilenet_v2" and spec["image_size"] == 64 and spec["run_id"]
     capsys.readouterr()
-    again = train(params, paths(tmp_path, prepared, "a"))  # checkpoint says: all done
-    assert "resuming after epoch 2" in capsys.readouterr().out
-    assert again["final_train_loss"] == first["final_train_loss"]
+    again = train(params, paths(tmp_path, prepared, "a"))  # a rerun of a finished stage
+    assert "holds a finished run; starting afresh" in capsys.readouterr().out
+    assert again["final_train_loss"] == first["final_train_loss"]  # and retrains the same
     changed = parse_params({**TINY, "train": {**TINY["train"], "lr": 0.01}})
-    assert fingerprint(changed) != fingerprint(params)
+    split = json.loads(prepared[1].read_text())
+    assert fingerprint(changed, split) != fingerprint(params, split)
+    other = {**split, "train": split["val"], "val": split["train"]}
+    assert fingerprint(params, other) != fingerprint(params, split)
 
 
 def test_ddp_on_two_cpu_processes_keeps_ranks_in_sync(prepared, tmp_path) -> None:
@@ -148,7 +152,9 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_in_sync(prepared, tmp_path) -> Non
         "OMP_NUM_THREADS": "1",
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
     }
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(out.metrics.read_text())
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
@@ -177,3 +183,16 @@ def test_early_stopping_counts_epochs_without_improvement(tmp_path) -> None:
     assert stops == [False, False, False, True, False]  # epochs 3 and 4 did not beat 0.3
     assert (state.best_epoch, state.best_dice) == (5, 0.5)
     assert (tmp_path / "best.pt").exists()
+
+
+def test_mirroring_swaps_lung_sides_only_for_sided_labels() -> None:
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:, :3], mask[:, 5:], mask[4, 4] = 2, 1, 3  # right lung on the left of the image
+    image = mask.astype(np.float32) / 3
+    params = AugmentParams(rotate_deg=0, scale=0, intensity=0)
+    seed = next(s for s in range(50) if np.random.default_rng(s).random() < 0.5)  # flips
+    _, sided = augment_slice(image, mask, params, np.random.default_rng(seed), sided=True)
+    _, plain = augment_slice(image, mask, params, np.random.default_rng(seed))
+    # the mirrored left lung now lies where a right lung lies, and is labelled right (2)
+    assert (sided[:, :3] == 2).all() and (sided[:, 5:] == 1).all() and sided[4, 3] == 3
+    np.testing.assert_array_equal(plain, mask[:, ::-1])
