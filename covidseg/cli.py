@@ -10,6 +10,20 @@ from covidseg import __version__
 from covidseg.errors import CovidSegError
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="covidseg", description=__doc__)
     root.add_argument("--version", action="version", version=f"covidseg {__version__}")
@@ -28,8 +42,8 @@ def parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     predict.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    predict.add_argument("--batch-size", type=int, default=8)
-    predict.add_argument("--threshold", type=float, default=0.5)
+    predict.add_argument("--batch-size", type=_positive_int, default=8)
+    predict.add_argument("--threshold", type=_probability, default=0.5)
     predict.add_argument("--tta", action="store_true", help="average with a left-right flip")
     return root
 

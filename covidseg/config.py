@@ -147,7 +147,6 @@ class EvaluateParams(_Section):
     lung_nsd_tolerance_mm: PositiveFloat = 1.0
     tta_flip: bool = False
     batch_size: Annotated[int, Field(ge=1)] = 8
-    overlay_cases: Annotated[int, Field(ge=0)] = 20
 
 
 class TrackingParams(_Section):

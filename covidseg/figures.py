@@ -13,6 +13,7 @@ the viewer's left (marked R / L).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -55,8 +56,14 @@ METRIC_LABELS = {
 def _save(fig: Figure, path: Path) -> Path:
     """Write `fig` as PNG at `DPI` (parents created) and release it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig).print_png(path, metadata={"Software": None})
-    fig.clear()
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            FigureCanvasAgg(fig).print_png(f, metadata={"Software": None})
+        os.replace(tmp, path)  # never half a picture
+    finally:
+        tmp.unlink(missing_ok=True)
+        fig.clear()
     return path
 
 

@@ -62,21 +62,21 @@ def load_predictor(ref: str, device: str = "auto", **options: object) -> Predict
     return Predictor(model, spec, str(ref), target, **options)
 
 
-def scan_files(inputs: list[Path]) -> list[Path]:
-    """The scans named, folders expanded to their `.nii`/`.nii.gz` files (sorted)."""
-    files = []
+def scan_files(inputs: list[Path]) -> tuple[list[Path], list[str]]:
+    """(the scans named, folders expanded to their `.nii`/`.nii.gz` files; problems)."""
+    files, problems = [], []
     for path in inputs:
         if path.is_dir():
             found = sorted([*path.glob("*.nii.gz"), *path.glob("*.nii")])
             found = [f for f in found if not f.name.endswith("_seg.nii.gz")]  # our own outputs
-            if not found:
-                raise CovidSegError(f"{path}: no .nii or .nii.gz files in this folder")
             files += found
+            if not found:
+                problems.append(f"{path}: no .nii or .nii.gz files in this folder")
         elif path.exists():
             files.append(path)
         else:
-            raise CovidSegError(f"{path}: no such file or folder")
-    return files
+            problems.append(f"{path}: no such file or folder")
+    return files, problems
 
 
 def segment(predictor: Predictor, data: np.ndarray, affine: np.ndarray, case: str):
@@ -149,15 +149,23 @@ def _identity(spec: ModelSpec) -> dict:
 
 
 def predict_many(predictor: Predictor, inputs: list[Path], out_dir: Path) -> int:
-    """Segment every scan; a bad file is one error line and the others go on. Failures."""
-    files = scan_files(inputs)
+    """Segment every scan; a bad input is one error line and the others go on. Failures."""
+    files, problems = scan_files(inputs)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
-    failures = 0
+    failures = len(problems)
     for path in tqdm(files, desc="scans", unit="scan"):
         try:
             report = predict_scan(predictor, path, out_dir)
         except CovidSegError as error:
             tqdm.write(f"error: {error}", file=sys.stderr)
+            failures += 1
+            continue
+        except (RuntimeError, ValueError, OSError, MemoryError) as error:  # e.g. out of memory
+            tqdm.write(
+                f"error: {path}: {type(error).__name__}: {error}".splitlines()[0], file=sys.stderr
+            )
             failures += 1
             continue
         summary = {k: report[k] for k in ("lesion_volume_ml", "slices_involved")}

@@ -24,7 +24,7 @@ def whole_lungs(labels: np.ndarray) -> np.ndarray:
         return lungs
     box = _bounding_box(lungs > 0, infected)
     sub = lungs[box]
-    _, nearest = distance_transform_edt(sub == 0, return_indices=True)
+    nearest = distance_transform_edt(sub == 0, return_distances=False, return_indices=True)
     sides = sub[tuple(nearest)]
     lungs[box] = np.where(infected[box], sides, sub)
     return lungs
