@@ -153,8 +153,10 @@ def predict_many(predictor: Predictor, inputs: list[Path], out_dir: Path) -> int
     files, problems = scan_files(inputs)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
-    out_dir.mkdir(parents=True, exist_ok=True)
     failures = len(problems)
+    if not files:
+        return failures
+    out_dir.mkdir(parents=True, exist_ok=True)
     for path in tqdm(files, desc="scans", unit="scan"):
         try:
             report = predict_scan(predictor, path, out_dir)
