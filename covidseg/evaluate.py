@@ -32,7 +32,7 @@ from covidseg.severity import INFECTION, severity
 from covidseg.splits import load_splits
 from covidseg.store import read_arrays, read_meta
 from covidseg.tracking import Tracker
-from covidseg.volumes import find_cases, load_case
+from covidseg.volumes import CaseFiles, find_cases, load_case
 
 CLASS_NAMES = {1: "left_lung", 2: "right_lung", 3: "infection"}
 
@@ -50,7 +50,11 @@ class EvalPaths:
 
 
 def predict_case(
-    model: torch.nn.Module, image: np.ndarray, shape: tuple[int, ...], params: Params, device
+    model: torch.nn.Module,
+    image: np.ndarray,
+    shape: tuple[int, ...],
+    params: Params,
+    device: torch.device,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(labels on the stored grid, labels on the original grid) for one volume."""
     ep = params.evaluate
@@ -100,8 +104,8 @@ def _missing(value: object) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def reference_masks(raw_dir: Path, cases: list[str], target: str) -> dict[str, np.ndarray]:
-    """Lazily usable map case -> reference labels on the original (canonical) grid."""
+def reference_files(raw_dir: Path, cases: list[str]) -> dict[str, CaseFiles]:
+    """The raw files of each test case (its reference mask is read when it is scored)."""
     files = {c.name: c for c in find_cases(raw_dir)}
     missing = [case for case in cases if case not in files]
     if missing:
@@ -115,7 +119,7 @@ def evaluate_case(
     spec: ModelSpec,
     params: Params,
     paths: EvalPaths,
-    files,
+    files: CaseFiles,
     device: torch.device,
 ) -> dict[str, float]:
     """Predict, score and draw one test case."""
@@ -147,7 +151,7 @@ def evaluate(params: Params, paths: EvalPaths) -> dict:
         raise CovidSegError(f"{paths.splits}: no test cases")
     device = resolve_device(params.train.device)
     model, spec = load_model(paths.model_dir, device)
-    files = reference_masks(paths.raw_dir, test, spec.target)
+    files = reference_files(paths.raw_dir, test)
     rows = []
     with atomic_dir(paths.reports) as reports:
         (reports / "overlays").mkdir()
@@ -175,7 +179,9 @@ def read_log(path: Path) -> list[dict]:
         return [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def track(params: Params, paths: EvalPaths, spec: ModelSpec, model, summary: dict) -> None:
+def track(
+    params: Params, paths: EvalPaths, spec: ModelSpec, model: torch.nn.Module, summary: dict
+) -> None:
     """Add test metrics, artifacts and the registered model to the training run."""
     tracker = Tracker.start(params, run_id=spec.run_id, stage="evaluate")
     tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
