@@ -159,7 +159,23 @@ def _copy_local(source: Path, part: Path) -> None:
     """Copy an archive from a local mirror folder into the cache."""
     if not source.is_file():
         raise CovidSegError(f"{source}: not found in the mirror folder. {MIRROR_HINT}")
-    shutil.copyfile(source, part)
+    name = part.name.removesuffix(".part")
+    with (
+        source.open("rb") as src,
+        part.open("wb") as out,
+        tqdm(
+            total=source.stat().st_size,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=name,
+            leave=False,
+            dynamic_ncols=True,
+        ) as bar,
+    ):
+        while chunk := src.read(CHUNK_BYTES):
+            out.write(chunk)
+            bar.update(len(chunk))
 
 
 # --- HTTP: resume, retry ------------------------------------------------------------------------
