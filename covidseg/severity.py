@@ -16,15 +16,20 @@ LEFT, RIGHT, INFECTION = 1, 2, 3
 GRADE_BOUNDS = (25.0, 50.0, 75.0)  # % of a lung: 1 under 25, 2 25-50, 3 50-75, 4 over 75
 
 
-def whole_lungs(labels: np.ndarray) -> np.ndarray:
-    """{0, 1 left, 2 right}: lungs including their infected parts (infection -> nearest side)."""
+def whole_lungs(
+    labels: np.ndarray, spacing: tuple[float, float, float] | None = None
+) -> np.ndarray:
+    """{0, 1 left, 2 right}: lungs including their infected parts (infection -> nearest side,
+    nearest in mm when `spacing` is given, else in voxel steps)."""
     infected = labels == INFECTION
     lungs = np.where(np.isin(labels, (LEFT, RIGHT)), labels, 0).astype(np.uint8)
     if not infected.any() or not lungs.any():
         return lungs
     box = _bounding_box(lungs > 0, infected)
     sub = lungs[box]
-    nearest = distance_transform_edt(sub == 0, return_distances=False, return_indices=True)
+    nearest = distance_transform_edt(
+        sub == 0, sampling=spacing, return_distances=False, return_indices=True
+    )
     sides = sub[tuple(nearest)]
     lungs[box] = np.where(infected[box], sides, sub)
     return lungs
@@ -61,7 +66,7 @@ def severity(
     }
     if infection_label != INFECTION:
         return out
-    lungs = whole_lungs(labels)
+    lungs = whole_lungs(labels, spacing)
     for side, name in ((LEFT, "left"), (RIGHT, "right")):
         lung = lungs == side
         volume = int(lung.sum())

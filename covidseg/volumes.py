@@ -103,6 +103,8 @@ def read_nifti(path: Path, case: str) -> tuple[np.ndarray, np.ndarray]:
         raise CovidSegError(f"{case}: cannot read {path.name} ({error})") from None
     except nib.filebasedimages.ImageFileError as error:
         raise CovidSegError(f"{case}: {path.name} is not a NIfTI image ({error})") from None
+    if data.ndim == 4 and data.shape[3] == 1:  # a 3D scan saved with one time point
+        data = data[..., 0]
     if data.ndim != 3:
         raise CovidSegError(f"{case}: {path.name} is not a 3D volume (shape {data.shape})")
     return data, image.affine

@@ -187,3 +187,17 @@ def test_mask_without_image_is_named(raw_dir, tmp_path):
     )
     with pytest.raises(CovidSegError, match="coronacases_009: mask in Infection_Mask has no CT"):
         run_prepare(raw_dir, tmp_path)
+
+
+def test_a_3d_scan_saved_with_one_time_point_reads_as_3d(tmp_path, phantom_cases):
+    from covidseg.volumes import read_nifti
+
+    case = phantom_cases[0]
+    path = tmp_path / "scan.nii.gz"
+    path.write_bytes(nifti_gz_bytes(case.image[..., None], case.affine))
+    data, affine = read_nifti(path, "scan")
+    np.testing.assert_array_equal(data, case.image)
+    np.testing.assert_allclose(affine, case.affine)
+    path.write_bytes(nifti_gz_bytes(np.stack([case.image] * 2, axis=-1), case.affine))
+    with pytest.raises(CovidSegError, match="not a 3D volume"):
+        read_nifti(path, "scan")
