@@ -140,6 +140,7 @@ def evaluate_case(
         pick_slices(infected),
         f"{case}: Dice {row['dice']:.3f}, NSD {row['nsd']:.3f}",
         paths.reports / "overlays" / f"{case}.png",
+        multi=spec.classes > 1,
     )
     return row
 

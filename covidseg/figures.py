@@ -67,10 +67,12 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _label_names(*masks: np.ndarray | None) -> dict[int, str]:
-    """Binary ({1: infection}) or multi-label (lungs + infection) naming of mask values."""
-    top = max((int(m.max()) for m in masks if m is not None and m.size), default=0)
-    return MULTI_LABELS if top > 1 else BINARY_LABELS
+def _label_names(*masks: np.ndarray | None, multi: bool | None = None) -> dict[int, str]:
+    """Binary ({1: infection}) or multi-label (lungs + infection) naming of mask values;
+    guessed from the largest value present unless `multi` says."""
+    if multi is None:
+        multi = max((int(m.max()) for m in masks if m is not None and m.size), default=0) > 1
+    return MULTI_LABELS if multi else BINARY_LABELS
 
 
 def _infection_label(names: Mapping[int, str]) -> int:
@@ -197,6 +199,7 @@ def overlay_slices(
     slices: list[int],
     title: str,
     path: Path,
+    multi: bool | None = None,
 ) -> Path:
     """One panel per slice index: CT in grey, reference filled + outlined, prediction outlined.
 
@@ -207,7 +210,7 @@ def overlay_slices(
     if not slices:
         raise ValueError("no slices to show")
     masks = {"ref": reference, "pred": prediction}
-    names = _label_names(reference, prediction)
+    names = _label_names(reference, prediction, multi=multi)
     size = (PANEL_INCHES * len(slices), PANEL_INCHES + OVERLAY_EXTRA_INCHES)
     fig = Figure(figsize=size, dpi=DPI, layout="constrained")
     for ax, k in zip(fig.subplots(1, len(slices), squeeze=False)[0], slices, strict=True):
@@ -363,6 +366,7 @@ def report_page(
     labels: np.ndarray,
     slices: list[int],
     path: Path,
+    multi: bool | None = None,
 ) -> Path:
     """One page: title, severity table, model identity and prediction overlays."""
     fig = Figure(figsize=REPORT_INCHES, dpi=DPI, layout="constrained")
@@ -385,7 +389,7 @@ def report_page(
     table.auto_set_font_size(False)
     table.set_fontsize(10)
     table.scale(1, 1.3)
-    names = _label_names(labels)
+    names = _label_names(labels, multi=multi)
     axes = bottom.subplots(1, len(slices), squeeze=False)[0]
     for axis, k in zip(axes, slices, strict=True):
         _panel(axis, image, {"pred": labels}, k, names)

@@ -134,7 +134,7 @@ def predict_scan(predictor: Predictor, path: Path, out_dir: Path) -> dict:
     }
     write_json_atomic(out_dir / f"{case}_report.json", report)
     slices = pick_slices(small == spec.infection_label, n=3)
-    report_page(report, image, small, slices, out_dir / f"{case}_report.png")
+    report_page(report, image, small, slices, out_dir / f"{case}_report.png", spec.classes > 1)
     return report
 
 

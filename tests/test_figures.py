@@ -122,3 +122,12 @@ def test_training_curves_marks_the_best_dice_epoch(tmp_path: Path) -> None:
     star_cols = np.flatnonzero(_near(pixels, "#c44e52").any(axis=0))
     position = (star_cols.mean() - curve_cols[0]) / (curve_cols[-1] - curve_cols[0])
     assert position == pytest.approx(2 / 4, abs=0.05)  # epoch 3 of 1..5
+
+
+def test_lung_model_overlay_is_labelled_as_lungs_even_with_one_label() -> None:
+    from covidseg.figures import _label_names
+
+    only_left = np.zeros((2, 8, 8), np.uint8)
+    only_left[0, 2:4, 2:4] = 1
+    assert _label_names(only_left)[1] == "infection"  # the guess from the values alone
+    assert _label_names(only_left, multi=True)[1] == "left lung"
