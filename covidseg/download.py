@@ -155,23 +155,28 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _byte_bar(part: Path, total: int | None, start: int = 0) -> tqdm:
+    """Progress bar in bytes (rate, ETA) named after the archive that `part` becomes."""
+    return tqdm(
+        total=total,
+        initial=start,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=part.name.removesuffix(".part"),
+        leave=False,
+        dynamic_ncols=True,
+    )
+
+
 def _copy_local(source: Path, part: Path) -> None:
     """Copy an archive from a local mirror folder into the cache."""
     if not source.is_file():
         raise CovidSegError(f"{source}: not found in the mirror folder. {MIRROR_HINT}")
-    name = part.name.removesuffix(".part")
     with (
         source.open("rb") as src,
         part.open("wb") as out,
-        tqdm(
-            total=source.stat().st_size,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=name,
-            leave=False,
-            dynamic_ncols=True,
-        ) as bar,
+        _byte_bar(part, source.stat().st_size) as bar,
     ):
         while chunk := src.read(CHUNK_BYTES):
             out.write(chunk)
@@ -260,19 +265,9 @@ def _stream(response: requests.Response, part: Path, start: int, timeout: float)
     """Write the body to `part` from `start` on, with a progress bar; a short body is transient."""
     length = response.headers.get("Content-Length")
     total = start + int(length) if length and length.isdigit() else None
-    name = part.name.removesuffix(".part")
     with (
         part.open("r+b" if start else "wb") as out,
-        tqdm(
-            total=total,
-            initial=start,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=name,
-            leave=False,
-            dynamic_ncols=True,
-        ) as bar,
+        _byte_bar(part, total, start) as bar,
     ):
         out.seek(start)
         out.truncate()

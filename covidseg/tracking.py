@@ -360,8 +360,6 @@ class Tracker:
         version = str(info.registered_model_version)
         if alias is None:
             return f"models:/{registered_name}/{version}"
-        if alias.lower() == "latest":  # reserved by MLflow, and already what /latest resolves to
-            return f"models:/{registered_name}/latest"
         client.set_registered_model_alias(registered_name, alias, version)
         return f"models:/{registered_name}@{alias}"
 

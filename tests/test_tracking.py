@@ -129,18 +129,6 @@ def test_run_records_params_metrics_artifact_and_model(repo: Path, tmp_path: Pat
         torch.testing.assert_close(loaded(batch), model(batch))
 
 
-def test_reserved_latest_alias_points_at_the_newest_version(repo: Path) -> None:
-    with Tracker.start(params("newest"), stage="evaluate", root=repo) as tracker:
-        example = np.zeros((2, 1, 8, 8), dtype=np.float32)
-        first = tracker.log_model(tiny_model(), example, registered_name="newest", alias="latest")
-        second = torch.nn.Conv2d(1, 1, kernel_size=1, bias=False)
-        torch.nn.init.constant_(second.weight, 2.0)
-        again = tracker.log_model(second, example, registered_name="newest", alias="latest")
-    assert first == again == "models:/newest/latest"
-    ones = torch.ones(1, 1, 8, 8)
-    assert torch.equal(load_model("models:/newest/latest", root=repo)[0](ones), 2 * ones)
-
-
 def test_reopening_by_run_id_adds_to_the_same_run(
     repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
