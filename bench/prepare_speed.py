@@ -71,7 +71,9 @@ def run_stage(raw: Path, work: Path, params: PrepareParams) -> tuple[float, floa
     split = SplitParams(scheme="kfold", n_folds=2)
     with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):  # the progress bar
         wall, cpu, _ = timed_cpu(
-            lambda: prepare_dataset(params, split, raw, out, work / "splits.json")
+            lambda: prepare_dataset(
+                params, split, raw_dir=raw, out_dir=out, splits_path=work / "splits.json"
+            )
         )
     shutil.rmtree(out)
     return wall / len(CASES), cpu / len(CASES)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from covidseg.config import AugmentParams
+from covidseg.labels import LUNG_INFECTION
 
 
 def _affine_theta(angle_deg: float, scale: float) -> torch.Tensor:
@@ -32,7 +33,7 @@ def _warp(image: np.ndarray, mask: np.ndarray, theta: torch.Tensor):
     return img[0, 0].numpy(), msk[0, 0].numpy().astype(mask.dtype)
 
 
-SIDE_SWAP = np.array([0, 2, 1, 3], dtype=np.uint8)  # left lung <-> right lung in a mirror
+SIDE_SWAP = np.array(LUNG_INFECTION.mirror, dtype=np.uint8)  # left <-> right lung in a mirror
 
 
 def augment_slice(
@@ -40,6 +41,7 @@ def augment_slice(
     mask: np.ndarray,
     params: AugmentParams,
     rng: np.random.Generator,
+    *,
     sided: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Randomly transform one (H, W) float32 image in [0, 1] and its (H, W) label mask.

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from covidseg import __version__
+from covidseg.config import PRECISIONS
 from covidseg.errors import CovidSegError
 
 
@@ -45,19 +46,26 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=_positive_int, default=8)
     predict.add_argument("--threshold", type=_probability, default=0.5)
     predict.add_argument("--tta", action="store_true", help="average with a left-right flip")
+    predict.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto: bf16 where the device runs it fast; fp32: full precision everywhere",
+    )
     return root
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from covidseg.inference import InferenceOptions
     from covidseg.predict import load_predictor, predict_many
 
-    predictor = load_predictor(
-        args.model,
-        args.device,
+    options = InferenceOptions(
         batch_size=args.batch_size,
         tta_flip=args.tta,
         threshold=args.threshold,
+        precision=args.precision,
     )
+    predictor = load_predictor(args.model, args.device, options)
     failures = predict_many(predictor, args.inputs, args.output)
     return 1 if failures else 0
 

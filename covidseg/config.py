@@ -26,12 +26,15 @@ ZENODO_SHA256 = {  # as published for record 3757476
         "34f5a573cb8fb53cb15abe81868395d9addf436854826a6fd6e70c2b294f19c3"
     ),
 }
+PRECISIONS = ("auto", "fp32", "bf16")  # inference: auto picks bf16 where the device is fast
+Precision = Literal["auto", "fp32", "bf16"]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinities are refused in every number (`lr: .inf`, `hu_window: [-.inf, 250]`)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DownloadParams(_Section):
@@ -136,9 +139,7 @@ class TrainParams(_Section):
     steps_per_epoch: Annotated[int, Field(ge=1)] | None = None
     early_stopping_patience: Annotated[int, Field(ge=1)] | None = None
     seed: int = 42
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    num_workers: Annotated[int, Field(ge=0)] = 1
-    bf16: bool = True
+    bf16: bool = True  # bf16 autocast on CUDA: part of the recipe (it changes the weights)
 
 
 class EvaluateParams(_Section):
@@ -146,7 +147,16 @@ class EvaluateParams(_Section):
     nsd_tolerance_mm: PositiveFloat = 3.0
     lung_nsd_tolerance_mm: PositiveFloat = 1.0
     tta_flip: bool = False
-    batch_size: Annotated[int, Field(ge=1)] = 8
+    precision: Precision = "auto"
+
+
+class RuntimeParams(_Section):
+    """How to run, not what to compute: no result depends on these, so changing them neither
+    invalidates a checkpoint nor makes DVC rerun a stage."""
+
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    num_workers: Annotated[int, Field(ge=0)] = 1
+    eval_batch_size: Annotated[int, Field(ge=1)] = 8
 
 
 class TrackingParams(_Section):
@@ -173,6 +183,24 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
+    runtime: RuntimeParams = RuntimeParams()
+
+
+# Keys that moved: an old params.yaml gets one line naming the new place.
+MOVED_KEYS = {
+    ("train", "device"): "runtime.device",
+    ("train", "num_workers"): "runtime.num_workers",
+    ("evaluate", "batch_size"): "runtime.eval_batch_size",
+}
+
+
+def _moved(raw: dict[str, Any]) -> list[str]:
+    """`train.device: moved to runtime.device` for each old key present."""
+    found = []
+    for (section, key), new in MOVED_KEYS.items():
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            found.append(f"{section}.{key}: moved to {new}")
+    return found
 
 
 def _one_line(error: ValidationError, source: str) -> str:
@@ -193,6 +221,8 @@ def parse_params(raw: Any, source: str = "params") -> Params:
         raw = {}
     if not isinstance(raw, dict):
         raise CovidSegError(f"{source}: expected a mapping at the top level")
+    if moved := _moved(raw):
+        raise CovidSegError(f"{source}: " + "; ".join(moved))
     try:
         return Params.model_validate(raw)
     except ValidationError as error:

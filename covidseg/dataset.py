@@ -62,7 +62,7 @@ class SliceDataset(Dataset):
         mask = f["mask"][k]
         if self.augment is not None and seed is not None:
             rng = np.random.default_rng(seed)
-            image, mask = augment_slice(image, mask, self.augment, rng, self.sided)
+            image, mask = augment_slice(image, mask, self.augment, rng, sided=self.sided)
         # uint8 masks cross from workers at an eighth of int64's size; the step widens them
         return torch.from_numpy(image)[None], torch.from_numpy(np.ascontiguousarray(mask))
 

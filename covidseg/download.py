@@ -14,7 +14,6 @@ import shutil
 import stat
 import sys
 import time
-import uuid
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -25,6 +24,7 @@ import requests
 import urllib3
 from tqdm import tqdm
 
+from covidseg.atomic import atomic_dir
 from covidseg.config import DownloadParams
 from covidseg.errors import CovidSegError
 
@@ -305,17 +305,10 @@ def _short_reason(error: BaseException, timeout: float) -> str:
 
 def _extract_all(archives: list[Path], raw_dir: Path) -> list[Path]:
     """Extract each archive into `raw_dir/<stem>/`, all or nothing."""
-    raw_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = raw_dir.with_name(f".{raw_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    try:
+    with atomic_dir(raw_dir) as staging:
         for archive in archives:
             count = _extract(archive, staging / archive.name.removesuffix(".zip"))
             _log(f"{archive.name}: extracted {count} files")
-        _swap_in(staging, raw_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return [raw_dir / archive.name.removesuffix(".zip") for archive in archives]
 
 
@@ -363,22 +356,3 @@ def _write_member(zipped: zipfile.ZipFile, info: zipfile.ZipInfo, root: Path) ->
     with zipped.open(info) as source, target.open("wb") as out:
         shutil.copyfileobj(source, out, CHUNK_BYTES)
     return 1
-
-
-def _swap_in(staging: Path, raw_dir: Path) -> None:
-    """Replace `raw_dir` (if any) by `staging`; the old one is removed only after the swap."""
-    old = None
-    if raw_dir.exists() or raw_dir.is_symlink():
-        old = raw_dir.with_name(f".{raw_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(raw_dir, old)
-    try:
-        os.replace(staging, raw_dir)
-    except BaseException:
-        if old is not None:
-            os.replace(old, raw_dir)
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()

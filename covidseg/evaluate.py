@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,19 +22,17 @@ from covidseg.atomic import atomic_dir, write_json_atomic, write_text_atomic
 from covidseg.config import Params
 from covidseg.errors import CovidSegError
 from covidseg.figures import overlay_slices, per_case_bar, pick_slices, training_curves
-from covidseg.inference import predict_volume, to_labels
+from covidseg.inference import InferenceOptions, Segmentation, segment
+from covidseg.labels import LEFT_LUNG, RIGHT_LUNG, LabelScheme, target_mask
 from covidseg.metrics import case_metrics, summarise
 from covidseg.model import resolve_device
 from covidseg.modelio import ModelSpec, load_model
-from covidseg.prepare import target_mask
-from covidseg.resample import to_original_grid
-from covidseg.severity import INFECTION, severity
+from covidseg.severity import severity
 from covidseg.splits import load_splits
-from covidseg.store import read_arrays, read_meta
+from covidseg.store import CaseMeta, read_arrays, read_meta
 from covidseg.tracking import Tracker
+from covidseg.transforms import Grid
 from covidseg.volumes import CaseFiles, find_cases, load_case
-
-CLASS_NAMES = {1: "left_lung", 2: "right_lung", 3: "infection"}
 
 
 @dataclass(frozen=True)
@@ -49,41 +47,40 @@ class EvalPaths:
     train_log: Path | None = None
 
 
-def predict_case(
-    model: torch.nn.Module,
-    image: np.ndarray,
-    shape: tuple[int, ...],
-    params: Params,
-    device: torch.device,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(labels on the stored grid, labels on the original grid) for one volume."""
+def inference_options(params: Params) -> InferenceOptions:
+    """How evaluate runs the model: `evaluate` params and the runtime batch size."""
     ep = params.evaluate
-    prob = predict_volume(model, image, device, ep.batch_size, ep.tta_flip, params.train.bf16)
-    stored = to_labels(prob, ep.threshold)
-    original = np.stack([to_original_grid(p, shape[1], shape[2], labels=False) for p in prob])
-    return stored, to_labels(original, ep.threshold)
+    return InferenceOptions(
+        batch_size=params.runtime.eval_batch_size,
+        tta_flip=ep.tta_flip,
+        threshold=ep.threshold,
+        precision=ep.precision,
+    )
 
 
 def score_case(
-    pred: np.ndarray, ref: np.ndarray, spacing: tuple, spec: ModelSpec, params: Params
+    pred: np.ndarray, ref: np.ndarray, spacing: tuple, scheme: LabelScheme, params: Params
 ) -> dict[str, float]:
     """Infection metrics as the headline; per-class metrics too for the lung + infection model."""
     ep = params.evaluate
     row = case_metrics(
-        pred == spec.infection_label, ref == spec.infection_label, spacing, ep.nsd_tolerance_mm
+        pred == scheme.infection, ref == scheme.infection, spacing, ep.nsd_tolerance_mm
     )
-    if spec.classes > 1:
-        for label in (1, 2):
+    if scheme.multi:
+        for label in (LEFT_LUNG, RIGHT_LUNG):
             lung = case_metrics(pred == label, ref == label, spacing, ep.lung_nsd_tolerance_mm)
-            name = CLASS_NAMES[label]
+            name = scheme.names[label]
             row |= {f"{name}_dice": lung["dice"], f"{name}_nsd": lung["nsd"]}
-        row |= involvement(ref, spacing, "ref") | involvement(pred, spacing, "pred")
+        ref_pct = involvement(ref, spacing, scheme, "ref")
+        row |= ref_pct | involvement(pred, spacing, scheme, "pred")
     return row
 
 
-def involvement(labels: np.ndarray, spacing: tuple, which: str) -> dict[str, float]:
+def involvement(
+    labels: np.ndarray, spacing: tuple, scheme: LabelScheme, which: str
+) -> dict[str, float]:
     """Percentage of each lung infected, e.g. `left_lung_infected_pct_ref`."""
-    report = severity(labels, spacing, INFECTION)
+    report = severity(labels, spacing, scheme)
     return {
         f"{side}_lung_infected_pct_{which}": report[f"{side}_lung_infected_pct"]
         for side in ("left", "right")
@@ -113,10 +110,27 @@ def reference_files(raw_dir: Path, cases: list[str]) -> dict[str, CaseFiles]:
     return {case: files[case] for case in cases}
 
 
+def predict_stored(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    meta: CaseMeta,
+    *,
+    spec: ModelSpec,
+    options: InferenceOptions,
+    device: torch.device,
+) -> Segmentation:
+    """Labels of one prepared case's stored image, through the inference path of `predict`."""
+    _, rows, cols = meta.original_shape
+    return segment(
+        model, image, Grid(rows, cols), scheme=spec.scheme, options=options, device=device
+    )
+
+
 def evaluate_case(
     case: str,
     model: torch.nn.Module,
     spec: ModelSpec,
+    *,
     params: Params,
     paths: EvalPaths,
     files: CaseFiles,
@@ -127,20 +141,23 @@ def evaluate_case(
     if not store.exists():
         raise CovidSegError(f"no prepared store for test case {case} in {paths.data_dir}")
     arrays, meta = read_arrays(store), read_meta(store)
-    stored, pred = predict_case(model, arrays["image"], meta.original_shape, params, device)
-    ref = target_mask(load_case(files), spec.target)[0]
-    if ref.shape != pred.shape:
-        raise CovidSegError(f"{case}: store and raw volume disagree ({pred.shape} vs {ref.shape})")
-    row = {"case": case, **score_case(pred, ref, meta.original_spacing, spec, params)}
-    infected = arrays["mask"] == spec.infection_label
+    options = inference_options(params)
+    seg = predict_stored(model, arrays["image"], meta, spec=spec, options=options, device=device)
+    scheme = spec.scheme
+    ref = target_mask(load_case(files).masks, scheme, case)[0]
+    if ref.shape != seg.labels.shape:
+        raise CovidSegError(
+            f"{case}: store and raw volume disagree ({seg.labels.shape} vs {ref.shape})"
+        )
+    row = {"case": case, **score_case(seg.labels, ref, meta.original_spacing, scheme, params)}
     overlay_slices(
         arrays["image"].astype(np.float32),
         arrays["mask"],
-        stored,
-        pick_slices(infected),
-        f"{case}: Dice {row['dice']:.3f}, NSD {row['nsd']:.3f}",
-        paths.reports / "overlays" / f"{case}.png",
-        multi=spec.classes > 1,
+        seg.stored,
+        slices=pick_slices(arrays["mask"] == scheme.infection),
+        title=f"{case}: Dice {row['dice']:.3f}, NSD {row['nsd']:.3f}",
+        path=paths.reports / "overlays" / f"{case}.png",
+        scheme=scheme,
     )
     return row
 
@@ -150,7 +167,7 @@ def evaluate(params: Params, paths: EvalPaths) -> dict:
     test = load_splits(paths.splits).get("test") or []
     if not test:
         raise CovidSegError(f"{paths.splits}: no test cases")
-    device = resolve_device(params.train.device)
+    device = resolve_device(params.runtime.device)
     model, spec = load_model(paths.model_dir, device)
     files = reference_files(paths.raw_dir, test)
     rows = []
@@ -158,7 +175,17 @@ def evaluate(params: Params, paths: EvalPaths) -> dict:
         (reports / "overlays").mkdir()
         tmp_paths = EvalPaths(**{**paths.__dict__, "reports": reports})
         for case in tqdm(test, desc="evaluate", unit="case"):
-            rows.append(evaluate_case(case, model, spec, params, tmp_paths, files[case], device))
+            rows.append(
+                evaluate_case(
+                    case,
+                    model,
+                    spec,
+                    params=params,
+                    paths=tmp_paths,
+                    files=files[case],
+                    device=device,
+                )
+            )
         per_case_bar(rows, "dice", reports / "per_case_dice.png", "Per-case 3D Dice (test)")
         if paths.train_log and paths.train_log.exists():
             training_curves(read_log(paths.train_log), reports / "training_curves.png")
@@ -200,6 +227,6 @@ def track(
         example,
         registered_name=params.tracking.registered_model,
         alias=params.tracking.alias,
-        metadata=asdict(spec),
+        metadata=spec.to_json(),
     )
     tracker.end()

@@ -13,7 +13,6 @@ the viewer's left (marked R / L).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -27,6 +26,9 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from covidseg.atomic import atomic_file
+from covidseg.labels import INFECTION, LUNG_INFECTION, LabelScheme
+
 DPI = 100
 PANEL_INCHES = 4.0  # overlay panel side
 OVERLAY_EXTRA_INCHES = 0.8  # overlay title, captions and legend
@@ -38,9 +40,6 @@ REF_LUNG_COLOUR, PRED_LUNG_COLOUR = "#17becf", "#ff7f0e"
 BAR_COLOUR, TRAIN_COLOUR, VAL_COLOUR = "#4c72b0", "#4c72b0", "#dd8452"
 DICE_COLOUR, BEST_COLOUR = "#55a868", "#c44e52"
 FILL_ALPHA = 0.35
-BINARY_LABELS = {1: "infection"}
-MULTI_LABELS = {1: "left lung", 2: "right lung", 3: "infection"}
-INFECTION = "infection"
 METRIC_LABELS = {
     "dice": "Dice",
     "iou": "IoU",
@@ -55,29 +54,19 @@ METRIC_LABELS = {
 
 def _save(fig: Figure, path: Path) -> Path:
     """Write `fig` as PNG at `DPI` (parents created) and release it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with tmp.open("wb") as f:
+        with atomic_file(path) as tmp, tmp.open("wb") as f:  # never half a picture
             FigureCanvasAgg(fig).print_png(f, metadata={"Software": None})
-        os.replace(tmp, path)  # never half a picture
     finally:
-        tmp.unlink(missing_ok=True)
         fig.clear()
     return path
 
 
-def _label_names(*masks: np.ndarray | None, multi: bool | None = None) -> dict[int, str]:
-    """Binary ({1: infection}) or multi-label (lungs + infection) naming of mask values;
-    guessed from the largest value present unless `multi` says."""
-    if multi is None:
-        multi = max((int(m.max()) for m in masks if m is not None and m.size), default=0) > 1
-    return MULTI_LABELS if multi else BINARY_LABELS
-
-
-def _infection_label(names: Mapping[int, str]) -> int:
-    """The value that means infection in this naming."""
-    return next(value for value, name in names.items() if name == INFECTION)
+def guess_scheme(*masks: np.ndarray | None) -> LabelScheme:
+    """For masks of unknown origin only: lungs + infection when a value above 1 is present.
+    Callers that know the model pass its scheme instead."""
+    top = max((int(m.max()) for m in masks if m is not None and m.size), default=0)
+    return LUNG_INFECTION if top > 1 else INFECTION
 
 
 def pick_slices(reference: np.ndarray, n: int = 2) -> list[int]:
@@ -116,10 +105,10 @@ def _outline(ax: Axes, mask: np.ndarray, colour: str, width: float, style: str =
         )
 
 
-def _draw_masks(ax: Axes, mask: np.ndarray, names: Mapping[int, str], reference: bool) -> None:
+def _draw_masks(ax: Axes, mask: np.ndarray, scheme: LabelScheme, reference: bool) -> None:
     """Reference: infection filled + outlined; prediction: outlined. Lung fields thin, dashed."""
-    infection = mask == _infection_label(names)
-    lungs = mask > 0 if len(names) > 1 else np.zeros_like(infection)
+    infection = mask == scheme.infection
+    lungs = mask > 0 if scheme.multi else np.zeros_like(infection)
     if reference:
         _fill(ax, infection, REF_COLOUR)
         _outline(ax, infection, REF_COLOUR, 1.2)
@@ -168,13 +157,13 @@ def _panel(
     image: np.ndarray,
     masks: Mapping[str, np.ndarray | None],
     k: int,
-    names: Mapping[int, str],
+    scheme: LabelScheme,
 ) -> None:
     """One axial slice: grey CT, masks on top, side markers and caption."""
     ax.imshow(image[k].astype(np.float32), cmap="gray", vmin=0.0, vmax=1.0)
     for name, mask in masks.items():
         if mask is not None:
-            _draw_masks(ax, mask[k], names, reference=name == "ref")
+            _draw_masks(ax, mask[k], scheme, reference=name == "ref")
     for x, side in ((0.02, "R"), (0.98, "L")):
         ax.text(
             x,
@@ -188,7 +177,7 @@ def _panel(
             fontweight="bold",
             alpha=0.8,
         )
-    ax.set_title(_caption(k, masks, _infection_label(names)), fontsize=10)
+    ax.set_title(_caption(k, masks, scheme.infection), fontsize=10)
     ax.set_axis_off()
 
 
@@ -196,27 +185,28 @@ def overlay_slices(
     image: np.ndarray,
     reference: np.ndarray | None,
     prediction: np.ndarray | None,
+    *,
     slices: list[int],
     title: str,
     path: Path,
-    multi: bool | None = None,
+    scheme: LabelScheme | None = None,
 ) -> Path:
     """One panel per slice index: CT in grey, reference filled + outlined, prediction outlined.
 
-    `image` is (slices, H, W) in [0, 1]; masks are uint8 labels, binary (1 infection) or
-    multi-label (1 left lung, 2 right lung, 3 infection); either mask may be None. Pixel
+    `image` is (slices, H, W) in [0, 1]; masks are uint8 labels of `scheme` (guessed from the
+    values when None); either mask may be None. Pixel
     size: (PANEL_INCHES x len(slices), PANEL_INCHES + OVERLAY_EXTRA_INCHES) x DPI.
     """
     if not slices:
         raise ValueError("no slices to show")
     masks = {"ref": reference, "pred": prediction}
-    names = _label_names(reference, prediction, multi=multi)
+    scheme = scheme or guess_scheme(reference, prediction)
     size = (PANEL_INCHES * len(slices), PANEL_INCHES + OVERLAY_EXTRA_INCHES)
     fig = Figure(figsize=size, dpi=DPI, layout="constrained")
     for ax, k in zip(fig.subplots(1, len(slices), squeeze=False)[0], slices, strict=True):
-        _panel(ax, image, masks, k, names)
+        _panel(ax, image, masks, k, scheme)
     fig.suptitle(title, fontsize=13, fontweight="bold")
-    handles = _legend_handles(reference is not None, prediction is not None, names is MULTI_LABELS)
+    handles = _legend_handles(reference is not None, prediction is not None, scheme.multi)
     if handles:
         fig.legend(
             handles=handles,
@@ -364,9 +354,10 @@ def report_page(
     report: Mapping[str, object],
     image: np.ndarray,
     labels: np.ndarray,
+    *,
     slices: list[int],
     path: Path,
-    multi: bool | None = None,
+    scheme: LabelScheme,
 ) -> Path:
     """One page: title, severity table, model identity and prediction overlays."""
     fig = Figure(figsize=REPORT_INCHES, dpi=DPI, layout="constrained")
@@ -389,11 +380,10 @@ def report_page(
     table.auto_set_font_size(False)
     table.set_fontsize(10)
     table.scale(1, 1.3)
-    names = _label_names(labels, multi=multi)
     axes = bottom.subplots(1, len(slices), squeeze=False)[0]
     for axis, k in zip(axes, slices, strict=True):
-        _panel(axis, image, {"pred": labels}, k, names)
-    handles = _legend_handles(False, True, names is MULTI_LABELS)
+        _panel(axis, image, {"pred": labels}, k, scheme)
+    handles = _legend_handles(False, True, scheme.multi)
     bottom.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
     bottom.suptitle("Predicted infection on the most and least involved slices", fontsize=11)
     return _save(fig, path)

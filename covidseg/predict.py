@@ -12,7 +12,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -20,16 +20,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from covidseg.atomic import write_json_atomic
+from covidseg.atomic import atomic_file, write_json_atomic
 from covidseg.errors import CovidSegError
 from covidseg.figures import pick_slices, report_page
-from covidseg.inference import predict_volume, to_labels
-from covidseg.intensity import check_encoding, normalise
+from covidseg.inference import InferenceOptions, Segmentation, segment
 from covidseg.model import resolve_device
 from covidseg.modelio import ModelSpec, load_model
-from covidseg.resample import to_original_grid, to_square
 from covidseg.severity import severity
-from covidseg.volumes import case_name, check_finite, read_nifti, reorient, to_disk_orientation
+from covidseg.transforms import scan_input
+from covidseg.volumes import Volume, case_name, read_nifti, to_disk_orientation
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
@@ -42,24 +41,25 @@ class Predictor:
     spec: ModelSpec
     source: str
     device: torch.device
-    batch_size: int = 8
-    tta_flip: bool = False
-    threshold: float = 0.5
+    options: InferenceOptions = field(default_factory=InferenceOptions)
 
 
-def load_predictor(ref: str, device: str = "auto", **options: object) -> Predictor:
+def load_predictor(
+    ref: str, device: str = "auto", options: InferenceOptions | None = None
+) -> Predictor:
     """A model folder, or an MLflow model URI (`models:/<name>@<alias>`, `runs:/...`)."""
     target = resolve_device(device)
+    options = options or InferenceOptions()
     if ref.startswith(MLFLOW_SCHEMES):
         from covidseg.tracking import load_model as load_logged
 
         module, metadata = load_logged(ref)
         if not metadata:
             raise CovidSegError(f"{ref}: logged without covidseg metadata (image size, labels)")
-        spec = ModelSpec(**{**metadata, "hu_window": tuple(metadata["hu_window"])})
-        return Predictor(module.to(target), spec, ref, target, **options)
+        spec = ModelSpec.from_json(metadata, ref)
+        return Predictor(module.to(target), spec, ref, target, options)
     model, spec = load_model(Path(ref), target)
-    return Predictor(model, spec, str(ref), target, **options)
+    return Predictor(model, spec, str(ref), target, options)
 
 
 def scan_files(inputs: list[Path]) -> tuple[list[Path], list[str]]:
@@ -79,25 +79,21 @@ def scan_files(inputs: list[Path]) -> tuple[list[Path], list[str]]:
     return files, problems
 
 
-def segment(predictor: Predictor, data: np.ndarray, affine: np.ndarray, case: str):
-    """(labels on the canonical original grid, stored-size image, stored-size labels, volume)."""
-    spec = predictor.spec
-    check_finite(data, case, "image")
-    encoding = check_encoding(data, case)
-    volume = reorient(data, affine)
-    image = to_square(normalise(volume.data, encoding, spec.hu_window), spec.image_size, False)
-    prob = predict_volume(
+def segment_scan(
+    predictor: Predictor, data: np.ndarray, affine: np.ndarray, case: str
+) -> tuple[Segmentation, np.ndarray, Volume]:
+    """(labels on both grids, the model input, the canonical volume) of a scan read from disk."""
+    prepared, volume = scan_input(data, affine, case, predictor.spec.recipe)
+    seg = segment(
         predictor.model,
-        image,
-        predictor.device,
-        predictor.batch_size,
-        predictor.tta_flip,
+        prepared.image,
+        prepared.grid,
+        scheme=predictor.spec.scheme,
+        options=predictor.options,
+        device=predictor.device,
         progress=True,
     )
-    rows, cols = volume.data.shape[1:]
-    original = np.stack([to_original_grid(p, rows, cols, labels=False) for p in prob])
-    labels = to_labels(original, predictor.threshold)
-    return labels, image, to_labels(prob, predictor.threshold), volume
+    return seg, prepared.image, volume
 
 
 def write_labels(path: Path, labels: np.ndarray, source: nib.Nifti1Image) -> None:
@@ -109,9 +105,8 @@ def write_labels(path: Path, labels: np.ndarray, source: nib.Nifti1Image) -> Non
     out.set_qform(source.header.get_qform(), code=int(source.header["qform_code"]))
     out.set_sform(source.header.get_sform(), code=int(source.header["sform_code"]))
     out.header["cal_min"], out.header["cal_max"] = 0, max(int(labels.max()), 1)
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    nib.save(out, tmp)
-    tmp.replace(path)
+    with atomic_file(path, suffix=".nii.gz") as tmp:  # nibabel picks the format by name
+        nib.save(out, tmp)
 
 
 def predict_scan(predictor: Predictor, path: Path, out_dir: Path) -> dict:
@@ -119,22 +114,31 @@ def predict_scan(predictor: Predictor, path: Path, out_dir: Path) -> dict:
     start = time.perf_counter()
     case = case_name(path)
     data, affine = read_nifti(path, case)
-    labels, image, small, volume = segment(predictor, data, affine, case)
+    seg, image, volume = segment_scan(predictor, data, affine, case)
     seg_path = out_dir / f"{case}_seg.nii.gz"
-    write_labels(seg_path, to_disk_orientation(labels, affine), nib.load(path))
+    source = nib.load(path)
+    assert isinstance(source, nib.Nifti1Image)  # read_nifti accepted it
+    write_labels(seg_path, to_disk_orientation(seg.labels, affine), source)
     spec = predictor.spec
     report = {
         "case": case,
         "input": str(path),
         "segmentation": seg_path.name,
-        **json_safe(severity(labels, volume.spacing, spec.infection_label)),
+        **json_safe(severity(seg.labels, volume.spacing, spec.scheme)),
         "voxel_spacing_mm": [round(s, 4) for s in volume.spacing],
         "model": {"source": predictor.source, **_identity(spec)},
         "seconds": round(time.perf_counter() - start, 2),
     }
     write_json_atomic(out_dir / f"{case}_report.json", report)
-    slices = pick_slices(small == spec.infection_label, n=3)
-    report_page(report, image, small, slices, out_dir / f"{case}_report.png", spec.classes > 1)
+    slices = pick_slices(seg.stored == spec.infection_label, n=3)
+    report_page(
+        report,
+        image,
+        seg.stored,
+        slices=slices,
+        path=out_dir / f"{case}_report.png",
+        scheme=spec.scheme,
+    )
     return report
 
 

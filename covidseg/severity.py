@@ -1,7 +1,6 @@
 """Severity numbers radiologists grade by: lesion volume, lung volumes, share of each lung infected.
 
-Labels are those of the lung + infection target: 0 background, 1 left lung, 2 right lung,
-3 infection (infection voxels lie inside the lungs but carry no side). Each infection voxel is
+Labels follow the model's scheme (`covidseg.labels`). With lung labels, each infection voxel is
 given the side of the nearest lung voxel, so a lung's volume includes its infected part.
 """
 
@@ -10,40 +9,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.ndimage import distance_transform_edt
 
-LEFT, RIGHT, INFECTION = 1, 2, 3
+from covidseg.labels import LEFT_LUNG, RIGHT_LUNG, LabelScheme, whole_lungs
+
 GRADE_BOUNDS = (25.0, 50.0, 75.0)  # % of a lung: 1 under 25, 2 25-50, 3 50-75, 4 over 75
-
-
-def whole_lungs(
-    labels: np.ndarray, spacing: tuple[float, float, float] | None = None
-) -> np.ndarray:
-    """{0, 1 left, 2 right}: lungs including their infected parts (infection -> nearest side,
-    nearest in mm when `spacing` is given, else in voxel steps)."""
-    infected = labels == INFECTION
-    lungs = np.where(np.isin(labels, (LEFT, RIGHT)), labels, 0).astype(np.uint8)
-    if not infected.any() or not lungs.any():
-        return lungs
-    box = _bounding_box(lungs > 0, infected)
-    sub = lungs[box]
-    nearest = distance_transform_edt(
-        sub == 0, sampling=spacing, return_distances=False, return_indices=True
-    )
-    sides = sub[tuple(nearest)]
-    lungs[box] = np.where(infected[box], sides, sub)
-    return lungs
-
-
-def _bounding_box(*masks: np.ndarray) -> tuple[slice, ...]:
-    """The smallest box holding every True voxel of the masks."""
-    union = np.logical_or.reduce(masks)
-    box = []
-    for axis in range(union.ndim):
-        other = tuple(a for a in range(union.ndim) if a != axis)
-        hits = np.flatnonzero(union.any(axis=other))
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
 
 
 def extent_grade(percent: float) -> int:
@@ -54,20 +23,20 @@ def extent_grade(percent: float) -> int:
 
 
 def severity(
-    labels: np.ndarray, spacing: tuple[float, float, float], infection_label: int
+    labels: np.ndarray, spacing: tuple[float, float, float], scheme: LabelScheme
 ) -> dict[str, float | int]:
     """Lesion volume and involved slices; with lung labels, per-lung volumes, % and grades."""
     voxel_ml = math.prod(spacing) / 1000.0
-    infected = labels == infection_label
+    infected = labels == scheme.infection
     out: dict[str, float | int] = {
         "lesion_volume_ml": round(float(infected.sum()) * voxel_ml, 3),
         "slices_involved": int(infected.any(axis=(1, 2)).sum()),
         "slices_total": int(labels.shape[0]),
     }
-    if infection_label != INFECTION:
+    if not scheme.multi:
         return out
     lungs = whole_lungs(labels, spacing)
-    for side, name in ((LEFT, "left"), (RIGHT, "right")):
+    for side, name in ((LEFT_LUNG, "left"), (RIGHT_LUNG, "right")):
         lung = lungs == side
         volume = int(lung.sum())
         percent = 100.0 * int((lung & infected).sum()) / volume if volume else float("nan")

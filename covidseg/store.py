@@ -9,12 +9,14 @@ Layout of `<case>.h5`:
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from covidseg.atomic import atomic_file
+from covidseg.errors import CovidSegError
 
 # gzip level 1 after byte shuffling: small, fast enough, and deterministic. h5py's lzf is
 # faster but not byte-reproducible (its hash table starts uninitialised), so it is opt-in.
@@ -62,20 +64,21 @@ def write_store(
     meta: CaseMeta,
     compression: str = "gzip",
 ) -> None:
-    """Write one case store atomically (temp file, then rename); reruns are byte-identical."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with h5py.File(tmp, "w", libver=("earliest", "v110"), track_order=False) as f:
-            for name, array in arrays.items():
-                chunks = (1, *array.shape[1:])
-                f.create_dataset(
-                    name, data=array, chunks=chunks, track_times=False, **COMPRESSION[compression]
-                )
-            for key, value in asdict(meta).items():
-                f.attrs[key] = np.asarray(value) if not isinstance(value, str) else value
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write one case store atomically; reruns are byte-identical. Non-finite values are refused."""
+    for name, array in arrays.items():
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise CovidSegError(f"{meta.case}: refusing to store {name} with NaN or Inf values")
+    with (
+        atomic_file(path) as tmp,
+        h5py.File(tmp, "w", libver=("earliest", "v110"), track_order=False) as f,
+    ):
+        for name, array in arrays.items():
+            chunks = (1, *array.shape[1:])
+            f.create_dataset(
+                name, data=array, chunks=chunks, track_times=False, **COMPRESSION[compression]
+            )
+        for key, value in asdict(meta).items():
+            f.attrs[key] = np.asarray(value) if not isinstance(value, str) else value
 
 
 def read_meta(path: Path) -> CaseMeta:

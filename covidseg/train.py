@@ -22,17 +22,20 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from covidseg.atomic import write_json_atomic, write_text_atomic
+from covidseg.atomic import atomic_file, write_json_atomic, write_text_atomic
+from covidseg.checkpoint import State, load_checkpoint, save_checkpoint
 from covidseg.config import Params
 from covidseg.dataset import BalancedSampler, SliceDataset
 from covidseg.errors import CovidSegError
 from covidseg.inference import autocast
+from covidseg.labels import LabelScheme, scheme_for
 from covidseg.losses import SegmentationLoss
 from covidseg.model import build_model, check_model_names, resolve_device
 from covidseg.modelio import ModelSpec, save_model
 from covidseg.splits import load_splits
 from covidseg.store import read_arrays
 from covidseg.tracking import Tracker
+from covidseg.transforms import recipe_of
 from covidseg.validation import validate
 
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds")
@@ -59,9 +62,11 @@ class Dist:
 
 
 def fingerprint(params: Params, splits: dict[str, list[str]]) -> str:
-    """What a checkpoint must match to be resumed: model, recipe, data params and the split."""
+    """What a checkpoint must match to be resumed: model, recipe, data params, the validation
+    threshold (it picks the best epoch) and the split; never the `runtime` settings."""
     keys = {"arch", "encoder", "train", "prepare", "split"}
-    blob = json.dumps([params.model_dump(mode="json", include=keys), splits], sort_keys=True)
+    recipe = params.model_dump(mode="json", include=keys)
+    blob = json.dumps([recipe, params.evaluate.threshold, splits], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -104,71 +109,19 @@ def make_loader(
         tp.positive_fraction,
         per_rank,
         tp.seed,
-        dist_info.rank,
-        dist_info.world_size,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
     )
+    workers = params.runtime.num_workers
     return DataLoader(
         dataset,
         batch_size=tp.batch_size,
         sampler=sampler,
-        num_workers=tp.num_workers,
-        persistent_workers=tp.num_workers > 0,
+        num_workers=workers,
+        persistent_workers=workers > 0,
         pin_memory=device.type == "cuda",
         drop_last=per_rank >= tp.batch_size,
     )
-
-
-@dataclass
-class State:
-    """Everything a checkpoint holds besides tensors' owners."""
-
-    epoch: int = 0
-    run_id: str | None = None
-    history: list[dict] | None = None
-    best_epoch: int = 0
-    best_dice: float = -1.0
-    bad_epochs: int = 0
-    complete: bool = False
-
-
-def save_checkpoint(path: Path, state: State, parts: dict, fp: str) -> None:
-    """Write the resumable checkpoint atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    payload = {
-        "fingerprint": fp,
-        "state": state.__dict__,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        },
-        **{name: obj.state_dict() for name, obj in parts.items()},
-    }
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, parts: dict, fp: str) -> State | None:
-    """Restore a checkpoint made with the same params; None when there is none to resume."""
-    if not path.exists():
-        return None
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if payload.get("fingerprint") != fp:
-        print(f"train: {path} was made with other params or another split; starting afresh")
-        return None
-    if payload["state"].get("complete"):
-        # DVC reran a finished stage, so something it depends on changed: train again
-        print(f"train: {path} holds a finished run; starting afresh")
-        return None
-    for name, obj in parts.items():
-        obj.load_state_dict(payload[name])
-    torch.set_rng_state(payload["rng"]["torch"])
-    np.random.set_state(payload["rng"]["numpy"])
-    random.setstate(payload["rng"]["python"])
-    if payload["rng"].get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
-    return State(**payload["state"])
 
 
 def train_epoch(
@@ -176,6 +129,7 @@ def train_epoch(
     loader: DataLoader,
     loss_fn: SegmentationLoss,
     optimizer: torch.optim.Optimizer,
+    *,
     device: torch.device,
     params: Params,
     epoch: int,
@@ -226,15 +180,19 @@ def write_log(path: Path, history: list[dict]) -> None:
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
-def model_spec(params: Params, classes: int, state: State) -> ModelSpec:
+def model_spec(params: Params, state: State) -> ModelSpec:
     """What evaluate and predict need to rebuild and feed the model."""
+    scheme = scheme_for(params.prepare.target)
+    recipe = recipe_of(params.prepare)
     return ModelSpec(
         arch=params.arch,
         encoder=params.encoder,
-        classes=classes,
-        target=params.prepare.target,
-        image_size=params.prepare.image_size,
-        hu_window=params.prepare.hu_window,
+        classes=scheme.classes,
+        target=scheme.target,
+        image_size=recipe.image_size,
+        hu_window=recipe.hu_window,
+        image_dtype=recipe.image_dtype,
+        labels=scheme.to_json(),
         run_id=state.run_id,
         best_epoch=state.best_epoch,
         val_dice=state.best_dice if state.best_dice >= 0 else None,
@@ -256,7 +214,12 @@ def build_parts(params: Params, classes: int, device: torch.device) -> dict:
 
 
 def end_of_epoch(
-    state: State, row: dict, params: Params, model: torch.nn.Module, checkpoint_dir: Path
+    state: State,
+    row: dict,
+    params: Params,
+    model: torch.nn.Module,
+    *,
+    checkpoint_dir: Path,
 ) -> bool:
     """Record the epoch, keep the best weights; True when early stopping says stop."""
     state.history = [*(state.history or []), row]
@@ -264,9 +227,8 @@ def end_of_epoch(
     score = row["val_dice"] if row["val_dice"] is not None else -row["train_loss"]
     if state.best_epoch == 0 or score > state.best_dice:
         state.best_epoch, state.best_dice, state.bad_epochs = state.epoch, score, 0
-        tmp = checkpoint_dir / ".best.pt.tmp"
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, checkpoint_dir / "best.pt")
+        with atomic_file(checkpoint_dir / "best.pt") as tmp:
+            torch.save(model.state_dict(), tmp)
     else:
         state.bad_epochs += 1
     patience = params.train.early_stopping_patience
@@ -281,7 +243,7 @@ class Run:
     paths: TrainPaths
     dist: Dist
     device: torch.device
-    classes: int
+    scheme: LabelScheme
     parts: dict
     net: torch.nn.Module
     loader: DataLoader
@@ -300,16 +262,16 @@ def setup(params: Params, paths: TrainPaths) -> Run:
     """Data, model, optimizer, checkpoint state and tracking, ready for the first epoch."""
     check_model_names(params.arch, params.encoder)
     splits = load_splits(paths.splits)
-    device = resolve_device(params.train.device)
+    device = resolve_device(params.runtime.device)
     dist_info = init_distributed(device)
     seed_everything(params.train.seed)
-    classes = 1 if params.prepare.target == "infection" else 4
+    scheme = scheme_for(params.prepare.target)
     train_set = SliceDataset(
-        store_paths(paths.data_dir, splits["train"]), params.train.augment, sided=classes > 1
+        store_paths(paths.data_dir, splits["train"]), params.train.augment, sided=scheme.multi
     )
     val_paths = store_paths(paths.data_dir, splits.get("val", []))
     val_cases = {p.stem: read_arrays(p) for p in val_paths} if dist_info.main else {}
-    parts = build_parts(params, classes, device)
+    parts = build_parts(params, scheme.classes, device)
     paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(params, splits)
     state = load_checkpoint(paths.checkpoint_dir / "last.pt", parts, fp) or State()
@@ -323,34 +285,36 @@ def setup(params: Params, paths: TrainPaths) -> Run:
     tracker = Tracker.start(params, run_id=state.run_id, stage="train") if dist_info.main else None
     state.run_id = tracker.run_id if tracker else state.run_id
     return Run(
-        params,
-        paths,
-        dist_info,
-        device,
-        classes,
-        parts,
-        net,
-        make_loader(train_set, params, dist_info, device),
-        SegmentationLoss(params.train.loss, classes),
-        val_cases,
-        state,
-        fp,
-        tracker,
+        params=params,
+        paths=paths,
+        dist=dist_info,
+        device=device,
+        scheme=scheme,
+        parts=parts,
+        net=net,
+        loader=make_loader(train_set, params, dist_info, device),
+        loss_fn=SegmentationLoss(params.train.loss, scheme.classes),
+        val_cases=val_cases,
+        state=state,
+        fp=fp,
+        tracker=tracker,
     )
 
 
 def record_epoch(run: Run, epoch: int, train_loss: float, lr: float, start: float) -> bool:
     """Validate, checkpoint, log; True when early stopping says stop (main process only)."""
-    val_loss, dices = None, {}
+    val_loss: float | None = None
+    dices: dict[str, float] = {}
     if run.val_cases:
         val_loss, dices = validate(
             run.module,
             run.val_cases,
             run.loss_fn,
-            run.device,
-            run.params.evaluate.batch_size,
-            run.params.train.bf16,
-            1 if run.classes == 1 else 3,
+            device=run.device,
+            batch_size=run.params.runtime.eval_batch_size,
+            bf16=run.params.train.bf16,
+            infection_label=run.scheme.infection,
+            threshold=run.params.evaluate.threshold,
         )
     row = {
         "epoch": epoch,
@@ -360,10 +324,13 @@ def record_epoch(run: Run, epoch: int, train_loss: float, lr: float, start: floa
         "lr": lr,
         "seconds": time.perf_counter() - start,
     }
-    stop = end_of_epoch(run.state, row, run.params, run.module, run.paths.checkpoint_dir)
+    stop = end_of_epoch(
+        run.state, row, run.params, run.module, checkpoint_dir=run.paths.checkpoint_dir
+    )
     save_checkpoint(run.paths.checkpoint_dir / "last.pt", run.state, run.parts, run.fp)
-    write_log(run.paths.log, run.state.history)
-    run.tracker.log_metrics({**row, **{f"val_dice.{c}": d for c, d in dices.items()}}, epoch)
+    write_log(run.paths.log, run.state.history or [])
+    if run.tracker:
+        run.tracker.log_metrics({**row, **{f"val_dice.{c}": d for c, d in dices.items()}}, epoch)
     return stop
 
 
@@ -375,10 +342,10 @@ def one_epoch(run: Run, epoch: int) -> tuple[bool, float]:
         run.loader,
         run.loss_fn,
         run.parts["optimizer"],
-        run.device,
-        run.params,
-        epoch,
-        run.dist.main,
+        device=run.device,
+        params=run.params,
+        epoch=epoch,
+        show=run.dist.main,
     )
     lr = run.parts["scheduler"].get_last_lr()[0]
     run.parts["scheduler"].step()
@@ -408,7 +375,13 @@ def train(params: Params, paths: TrainPaths) -> dict:
     summary = {}
     if run.dist.main:
         summary = finish(
-            params, paths, run.state, run.classes, speed, run.dist, in_sync, run.tracker
+            params,
+            paths,
+            state=run.state,
+            speed=speed,
+            dist_info=run.dist,
+            in_sync=in_sync,
+            tracker=run.tracker,
         )
         run.state.complete = True
         save_checkpoint(paths.checkpoint_dir / "last.pt", run.state, run.parts, run.fp)
@@ -421,16 +394,16 @@ def train(params: Params, paths: TrainPaths) -> dict:
 def finish(
     params: Params,
     paths: TrainPaths,
+    *,
     state: State,
-    classes: int,
     speed: float,
     dist_info: Dist,
     in_sync: bool,
-    tracker: Tracker,
+    tracker: Tracker | None,
 ) -> dict:
     """Export the best weights as the model folder and write `metrics/train.json`."""
     best = torch.load(paths.checkpoint_dir / "best.pt", map_location="cpu", weights_only=True)
-    save_model(paths.model_dir, best, model_spec(params, classes, state))
+    save_model(paths.model_dir, best, model_spec(params, state))
     last = (state.history or [{}])[-1]
     summary = {
         "best_epoch": state.best_epoch,
@@ -443,7 +416,8 @@ def finish(
         "ranks_in_sync": in_sync,
     }
     write_json_atomic(paths.metrics, summary)
-    tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-    tracker.log_artifact(paths.log, "training")
-    tracker.end()
+    if tracker:
+        tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        tracker.log_artifact(paths.log, "training")
+        tracker.end()
     return summary

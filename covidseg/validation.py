@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from covidseg.inference import autocast, probabilities, to_labels
+from covidseg.inference import autocast, probabilities
 from covidseg.losses import SegmentationLoss
+from covidseg.transforms import to_labels
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -20,13 +21,15 @@ def validate(
     model: torch.nn.Module,
     cases: dict[str, dict[str, np.ndarray]],
     loss_fn: SegmentationLoss,
+    *,
     device: torch.device,
     batch_size: int,
     bf16: bool,
     infection_label: int,
-    threshold: float = 0.5,
+    threshold: float,
 ) -> tuple[float, dict[str, float]]:
-    """(mean slice loss, {case: infection Dice}) over whole validation volumes."""
+    """(mean slice loss, {case: infection Dice}) over whole validation volumes; labels as
+    `evaluate` makes them (`threshold` for one output map, argmax otherwise)."""
     model.eval()
     total, count, dices = 0.0, 0, {}
     for case, arrays in cases.items():

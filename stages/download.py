@@ -3,9 +3,8 @@
 import argparse
 from pathlib import Path
 
-from covidseg.download import fetch_archives
-
 from covidseg.config import load_params
+from covidseg.download import fetch_archives
 from covidseg.stage import run_stage
 
 

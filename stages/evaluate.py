@@ -22,14 +22,14 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     paths = EvalPaths(
-        args.data,
-        args.raw,
-        args.splits,
-        args.model,
-        args.metrics,
-        args.per_case,
-        args.reports,
-        args.train_log,
+        data_dir=args.data,
+        raw_dir=args.raw,
+        splits=args.splits,
+        model_dir=args.model,
+        metrics=args.metrics,
+        per_case=args.per_case,
+        reports=args.reports,
+        train_log=args.train_log,
     )
     evaluate(params, paths)
 

@@ -20,7 +20,12 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     paths = TrainPaths(
-        args.data, args.splits, args.model, args.checkpoints, args.metrics, args.epoch_log
+        data_dir=args.data,
+        splits=args.splits,
+        model_dir=args.model,
+        checkpoint_dir=args.checkpoints,
+        metrics=args.metrics,
+        log=args.epoch_log,
     )
     train(params, paths)
 

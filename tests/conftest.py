@@ -57,5 +57,7 @@ def prepared(raw_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
 
     split = SplitParams(scheme="kfold", n_folds=3, fold=0, val_fraction=0.5)
     out, splits = tmp_path / "prepared", tmp_path / "splits.json"
-    prepare_dataset(PrepareParams(image_size=64), split, raw_dir, out, splits)
+    prepare_dataset(
+        PrepareParams(image_size=64), split, raw_dir=raw_dir, out_dir=out, splits_path=splits
+    )
     return out, splits

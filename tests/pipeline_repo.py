@@ -23,10 +23,9 @@ TINY = {
         "epochs": 2,
         "batch_size": 4,
         "steps_per_epoch": 3,
-        "num_workers": 0,
         "lr": 1.0e-3,
     },
-    "evaluate": {"batch_size": 16},
+    "runtime": {"num_workers": 0, "eval_batch_size": 16},
 }
 
 

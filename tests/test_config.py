@@ -36,7 +36,7 @@ def test_shipped_params_are_valid_and_match_the_study() -> None:
         ({"split": {"protocol": "8_12"}}, "split.protocol"),
         ({"download": {"sha256": {"a.zip": "xyz"}}}, "download.sha256.a.zip"),
         ({"download": {"sha256": {"../a.zip": "0" * 64}}}, "not a plain .zip archive name"),
-        ({"train": {"device": "tpu"}}, "train.device"),
+        ({"runtime": {"device": "tpu"}}, "runtime.device"),
     ],
 )
 def test_bad_values_are_one_line_errors(raw: dict, expected: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 from covidseg.config import parse_params
 from covidseg.evaluate import EvalPaths, evaluate
 from covidseg.prepare import prepare_dataset
-from covidseg.severity import whole_lungs
+from covidseg.labels import whole_lungs
 from covidseg.train import TrainPaths, train
 
 TINY = {
@@ -20,8 +20,8 @@ TINY = {
     "encoder": "mobilenet_v2",
     "prepare": {"image_size": 64, "target": "lung_infection"},
     "split": {"scheme": "kfold", "n_folds": 3, "fold": 0, "val_fraction": 0.5},
-    "train": {"epochs": 1, "batch_size": 4, "steps_per_epoch": 2, "num_workers": 0},
-    "evaluate": {"batch_size": 16},
+    "train": {"epochs": 1, "batch_size": 4, "steps_per_epoch": 2},
+    "runtime": {"num_workers": 0, "eval_batch_size": 16},
 }
 
 
@@ -39,7 +39,7 @@ def test_lung_infection_model_reports_per_class_and_per_lung(
     monkeypatch.chdir(tmp_path)
     params = parse_params(TINY)
     data, splits = tmp_path / "prepared", tmp_path / "splits.json"
-    prepare_dataset(params.prepare, params.split, raw_dir, data, splits)
+    prepare_dataset(params.prepare, params.split, raw_dir=raw_dir, out_dir=data, splits_path=splits)
     model = tmp_path / "model"
     train(
         params,

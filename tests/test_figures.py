@@ -46,7 +46,9 @@ def _phantom() -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("n_slices", [1, 3])
 def test_overlay_has_one_panel_width_per_slice(tmp_path: Path, n_slices: int) -> None:
     image, mask = _phantom()
-    path = overlay_slices(image, mask, mask, list(range(n_slices)), "case", tmp_path / "o.png")
+    path = overlay_slices(
+        image, mask, mask, slices=list(range(n_slices)), title="case", path=tmp_path / "o.png"
+    )
     expected = _size((PANEL_INCHES * n_slices, PANEL_INCHES + OVERLAY_EXTRA_INCHES))
     assert _png(path).shape[:2] == expected
 
@@ -76,12 +78,14 @@ def test_overlay_accepts_multi_label_and_missing_masks(tmp_path: Path) -> None:
     image, mask = _phantom()
     labels = mask * 3
     labels[:, 10:50, 2:30] = np.where(labels[:, 10:50, 2:30] == 0, 2, labels[:, 10:50, 2:30])
-    overlay_slices(image, labels, None, [1], "ref only", tmp_path / "a.png")
-    overlay_slices(image, None, labels, [1], "pred only", tmp_path / "b.png")
-    plain = _png(overlay_slices(image, None, None, [1], "image", tmp_path / "c.png"))
+    overlay_slices(image, labels, None, slices=[1], title="ref only", path=tmp_path / "a.png")
+    overlay_slices(image, None, labels, slices=[1], title="pred only", path=tmp_path / "b.png")
+    plain = _png(
+        overlay_slices(image, None, None, slices=[1], title="image", path=tmp_path / "c.png")
+    )
     assert not np.array_equal(_png(tmp_path / "a.png"), plain)
     with pytest.raises(ValueError, match="no slices"):
-        overlay_slices(image, mask, None, [], "none", tmp_path / "d.png")
+        overlay_slices(image, mask, None, slices=[], title="none", path=tmp_path / "d.png")
 
 
 def test_pick_slices_most_and_least_infected() -> None:
@@ -124,10 +128,23 @@ def test_training_curves_marks_the_best_dice_epoch(tmp_path: Path) -> None:
     assert position == pytest.approx(2 / 4, abs=0.05)  # epoch 3 of 1..5
 
 
-def test_lung_model_overlay_is_labelled_as_lungs_even_with_one_label() -> None:
-    from covidseg.figures import _label_names
+def test_lung_model_overlay_is_labelled_as_lungs_even_with_one_label(tmp_path: Path) -> None:
+    from covidseg.figures import REF_LUNG_COLOUR, guess_scheme
+    from covidseg.labels import INFECTION, LUNG_INFECTION
 
-    only_left = np.zeros((2, 8, 8), np.uint8)
-    only_left[0, 2:4, 2:4] = 1
-    assert _label_names(only_left)[1] == "infection"  # the guess from the values alone
-    assert _label_names(only_left, multi=True)[1] == "left lung"
+    image = np.full((2, 64, 64), 0.3, dtype=np.float16)
+    only_left = np.zeros((2, 64, 64), np.uint8)
+    only_left[0, 20:44, 8:28] = 1  # a left lung and no other label
+    assert guess_scheme(only_left) is INFECTION  # the guess from the values alone is wrong
+    told = overlay_slices(
+        image,
+        only_left,
+        None,
+        slices=[0],
+        title="t",
+        path=tmp_path / "a.png",
+        scheme=LUNG_INFECTION,
+    )
+    guessed = overlay_slices(image, only_left, None, slices=[0], title="t", path=tmp_path / "b.png")
+    assert _near(_png(told), REF_LUNG_COLOUR, 0.08).sum() > 20  # the lung outline is drawn
+    assert _near(_png(guessed), REF_LUNG_COLOUR, 0.08).sum() == 0

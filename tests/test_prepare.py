@@ -38,7 +38,9 @@ def padded(stack: np.ndarray, size: int) -> np.ndarray:
 
 def run_prepare(raw_dir: Path, out: Path, **changes) -> dict:
     params = PREPARE.model_copy(update=changes)
-    return prepare_dataset(params, SPLIT, raw_dir, out / "prepared", out / "splits.json")
+    return prepare_dataset(
+        params, SPLIT, raw_dir=raw_dir, out_dir=out / "prepared", splits_path=out / "splits.json"
+    )
 
 
 def test_stores_hold_reoriented_masks_and_counts(raw_dir, tmp_path, phantom_cases):

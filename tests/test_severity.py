@@ -7,7 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from covidseg.severity import extent_grade, severity, whole_lungs
+from covidseg.labels import INFECTION as INFECTION_ONLY
+from covidseg.labels import LUNG_INFECTION, whole_lungs
+from covidseg.severity import extent_grade, severity
 
 LEFT, RIGHT, INFECTION = 1, 2, 3
 
@@ -90,7 +92,7 @@ def lung_volume() -> np.ndarray:
 
 def test_severity_of_a_volume_with_known_counts() -> None:
     voxel_ml = 5.0 * 2.0 * 2.0 / 1000.0
-    out = severity(lung_volume(), (5.0, 2.0, 2.0), INFECTION)
+    out = severity(lung_volume(), (5.0, 2.0, 2.0), LUNG_INFECTION)
     assert out == {
         "lesion_volume_ml": pytest.approx(24 * voxel_ml),
         "slices_involved": 2,
@@ -106,7 +108,7 @@ def test_severity_of_a_volume_with_known_counts() -> None:
 
 
 def test_severity_uses_the_spacing_and_rounds_to_microlitres() -> None:
-    out = severity(lung_volume(), (1.5, 0.7, 0.7), INFECTION)
+    out = severity(lung_volume(), (1.5, 0.7, 0.7), LUNG_INFECTION)
     voxel_ml = 1.5 * 0.7 * 0.7 / 1000.0
     assert out["lesion_volume_ml"] == round(24 * voxel_ml, 3)
     assert out["left_lung_volume_ml"] == round(32 * voxel_ml, 3)
@@ -115,7 +117,7 @@ def test_severity_uses_the_spacing_and_rounds_to_microlitres() -> None:
 
 def test_severity_of_an_infection_only_model_has_no_lung_numbers() -> None:
     labels = (lung_volume() == INFECTION).astype(np.uint8)
-    out = severity(labels, (2.0, 1.0, 1.0), 1)
+    out = severity(labels, (2.0, 1.0, 1.0), INFECTION_ONLY)
     assert out == {
         "lesion_volume_ml": pytest.approx(0.048),
         "slices_involved": 2,
@@ -125,7 +127,7 @@ def test_severity_of_an_infection_only_model_has_no_lung_numbers() -> None:
 
 def test_severity_without_infection_grades_zero() -> None:
     labels = np.where(lung_volume() == INFECTION, LEFT, lung_volume()).astype(np.uint8)
-    out = severity(labels, (1.0, 1.0, 1.0), INFECTION)
+    out = severity(labels, (1.0, 1.0, 1.0), LUNG_INFECTION)
     assert out["lesion_volume_ml"] == 0.0
     assert out["slices_involved"] == 0
     assert out["left_lung_infected_pct"] == 0.0

@@ -24,7 +24,8 @@ TINY = {
     "arch": "Unet",
     "encoder": "mobilenet_v2",
     "prepare": {"image_size": 64},
-    "train": {"epochs": 2, "batch_size": 4, "steps_per_epoch": 2, "num_workers": 0},
+    "train": {"epochs": 2, "batch_size": 4, "steps_per_epoch": 2},
+    "runtime": {"num_workers": 0},
 }
 
 
@@ -112,7 +113,7 @@ def test_training_is_repeatable_and_resume_skips_finished_epochs(
     assert spec["encoder"] == "mobilenet_v2" and spec["image_size"] == 64 and spec["run_id"]
     capsys.readouterr()
     again = train(params, paths(tmp_path, prepared, "a"))  # a rerun of a finished stage
-    assert "holds a finished run; starting afresh" in capsys.readouterr().out
+    assert "holds a finished run; starting afresh" in capsys.readouterr().err
     assert again["final_train_loss"] == first["final_train_loss"]  # and retrains the same
     changed = parse_params({**TINY, "train": {**TINY["train"], "lr": 0.01}})
     split = json.loads(prepared[1].read_text())
@@ -174,14 +175,21 @@ def test_imagenet_weights_offline_is_one_clear_line(monkeypatch) -> None:
 
 
 def test_early_stopping_counts_epochs_without_improvement(tmp_path) -> None:
-    from covidseg.train import State, end_of_epoch
+    from covidseg.checkpoint import State
+    from covidseg.train import end_of_epoch
 
     params = parse_params({"train": {"early_stopping_patience": 2}})
     model = torch.nn.Conv2d(1, 1, 1)
     state = State()
     dices = [0.1, 0.3, 0.2, 0.25, 0.5]
     stops = [
-        end_of_epoch(state, {"epoch": e, "train_loss": 1.0, "val_dice": d}, params, model, tmp_path)
+        end_of_epoch(
+            state,
+            {"epoch": e, "train_loss": 1.0, "val_dice": d},
+            params,
+            model,
+            checkpoint_dir=tmp_path,
+        )
         for e, d in enumerate(dices, start=1)
     ]
     assert stops == [False, False, False, True, False]  # epochs 3 and 4 did not beat 0.3
