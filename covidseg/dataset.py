@@ -89,6 +89,7 @@ class BalancedSampler(Sampler):
         positive_fraction: float,
         num_samples: int,
         seed: int,
+        *,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:

@@ -79,7 +79,7 @@ def fetch_archives(params: DownloadParams, cache_dir: Path, raw_dir: Path) -> li
     cache_dir.mkdir(parents=True, exist_ok=True)
     with requests.Session() as session:
         archives = [
-            _obtain(session, source, name, digest, params, cache_dir)
+            _obtain(session, source, name, digest, params=params, cache_dir=cache_dir)
             for name, digest in params.sha256.items()
         ]
     return _extract_all(archives, Path(raw_dir))
@@ -117,6 +117,7 @@ def _obtain(
     source: str | Path,
     name: str,
     digest: str,
+    *,
     params: DownloadParams,
     cache_dir: Path,
 ) -> Path:
@@ -132,7 +133,7 @@ def _obtain(
     if isinstance(source, Path):
         _copy_local(source / name, part)
     else:
-        _download(session, f"{source}/{name}", part, digest, params)
+        _download(session, f"{source}/{name}", part, digest, params=params)
     actual = sha256_of(part)
     if actual != digest:
         part.unlink(missing_ok=True)
@@ -187,13 +188,13 @@ def _copy_local(source: Path, part: Path) -> None:
 
 
 def _download(
-    session: requests.Session, url: str, part: Path, digest: str, params: DownloadParams
+    session: requests.Session, url: str, part: Path, digest: str, *, params: DownloadParams
 ) -> None:
     """Download `url` into `part`, resuming what is there and retrying transient failures."""
     attempt = 0
     while True:
         try:
-            _request(session, url, part, digest, params.timeout_s)
+            _request(session, url, part, digest, timeout=params.timeout_s)
             return
         except _Restart as error:
             _log(f"{url}: {error}; starting again from byte 0")
@@ -214,7 +215,9 @@ def _give_up(url: str, error: _Transient, attempt: int) -> CovidSegError:
     return CovidSegError(f"downloading {url} failed after {tries}: {error.reason}. {MIRROR_HINT}")
 
 
-def _request(session: requests.Session, url: str, part: Path, digest: str, timeout: float) -> None:
+def _request(
+    session: requests.Session, url: str, part: Path, digest: str, *, timeout: float
+) -> None:
     """One GET, resumed with `Range` when `part` already holds bytes."""
     have = part.stat().st_size if part.exists() else 0
     headers = {"Accept-Encoding": "identity"}
@@ -225,13 +228,13 @@ def _request(session: requests.Session, url: str, part: Path, digest: str, timeo
     except requests.RequestException as error:
         raise _Transient(_short_reason(error, timeout), unreachable=True) from None
     with response:
-        start = _check_status(response, url, part, digest, have)
+        start = _check_status(response, url, part, digest, have=have)
         if start is not None:
             _stream(response, part, start, timeout)
 
 
 def _check_status(
-    response: requests.Response, url: str, part: Path, digest: str, have: int
+    response: requests.Response, url: str, part: Path, digest: str, *, have: int
 ) -> int | None:
     """The offset the body starts at, or None when `part` is already complete."""
     status = response.status_code

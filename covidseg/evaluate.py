@@ -59,7 +59,7 @@ def inference_options(params: Params) -> InferenceOptions:
 
 
 def score_case(
-    pred: np.ndarray, ref: np.ndarray, spacing: tuple, scheme: LabelScheme, params: Params
+    pred: np.ndarray, ref: np.ndarray, spacing: tuple, scheme: LabelScheme, *, params: Params
 ) -> dict[str, float]:
     """Infection metrics as the headline; per-class metrics too for the lung + infection model."""
     ep = params.evaluate
@@ -135,7 +135,7 @@ def evaluate_case(
     paths: EvalPaths,
     files: CaseFiles,
     device: torch.device,
-) -> dict[str, float]:
+) -> dict[str, float | str]:
     """Predict, score and draw one test case."""
     store = paths.data_dir / f"{case}.h5"
     if not store.exists():
@@ -149,7 +149,8 @@ def evaluate_case(
         raise CovidSegError(
             f"{case}: store and raw volume disagree ({seg.labels.shape} vs {ref.shape})"
         )
-    row = {"case": case, **score_case(seg.labels, ref, meta.original_spacing, scheme, params)}
+    row: dict[str, float | str] = {"case": case}
+    row |= score_case(seg.labels, ref, meta.original_spacing, scheme, params=params)
     overlay_slices(
         arrays["image"].astype(np.float32),
         arrays["mask"],
@@ -197,7 +198,7 @@ def evaluate(params: Params, paths: EvalPaths) -> dict:
     }
     write_json_atomic(paths.metrics, summary)
     write_per_case(paths.per_case, rows)
-    track(params, paths, spec, model, summary)
+    track(params, paths, spec, model, summary=summary)
     return summary
 
 
@@ -208,7 +209,7 @@ def read_log(path: Path) -> list[dict]:
 
 
 def track(
-    params: Params, paths: EvalPaths, spec: ModelSpec, model: torch.nn.Module, summary: dict
+    params: Params, paths: EvalPaths, spec: ModelSpec, model: torch.nn.Module, *, summary: dict
 ) -> None:
     """Add test metrics, artifacts and the registered model to the training run."""
     tracker = Tracker.start(params, run_id=spec.run_id, stage="evaluate")

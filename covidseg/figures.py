@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from matplotlib.artist import Artist
@@ -93,7 +94,9 @@ def _fill(ax: Axes, mask: np.ndarray, colour: str) -> None:
     ax.imshow(rgba, interpolation="nearest")
 
 
-def _outline(ax: Axes, mask: np.ndarray, colour: str, width: float, style: str = "solid") -> None:
+def _outline(
+    ax: Axes, mask: np.ndarray, colour: str, width: float, *, style: str = "solid"
+) -> None:
     """Contour of a boolean slice (nothing when it is empty)."""
     if mask.any():
         ax.contour(
@@ -112,10 +115,10 @@ def _draw_masks(ax: Axes, mask: np.ndarray, scheme: LabelScheme, reference: bool
     if reference:
         _fill(ax, infection, REF_COLOUR)
         _outline(ax, infection, REF_COLOUR, 1.2)
-        _outline(ax, lungs, REF_LUNG_COLOUR, 0.8, "dashed")
+        _outline(ax, lungs, REF_LUNG_COLOUR, 0.8, style="dashed")
     else:
         _outline(ax, infection, PRED_COLOUR, 1.4)
-        _outline(ax, lungs, PRED_LUNG_COLOUR, 0.8, "dotted")
+        _outline(ax, lungs, PRED_LUNG_COLOUR, 0.8, style="dotted")
 
 
 def _legend_handles(has_ref: bool, has_pred: bool, multi: bool) -> list[Artist]:
@@ -157,6 +160,7 @@ def _panel(
     image: np.ndarray,
     masks: Mapping[str, np.ndarray | None],
     k: int,
+    *,
     scheme: LabelScheme,
 ) -> None:
     """One axial slice: grey CT, masks on top, side markers and caption."""
@@ -204,7 +208,7 @@ def overlay_slices(
     size = (PANEL_INCHES * len(slices), PANEL_INCHES + OVERLAY_EXTRA_INCHES)
     fig = Figure(figsize=size, dpi=DPI, layout="constrained")
     for ax, k in zip(fig.subplots(1, len(slices), squeeze=False)[0], slices, strict=True):
-        _panel(ax, image, masks, k, scheme)
+        _panel(ax, image, masks, k, scheme=scheme)
     fig.suptitle(title, fontsize=13, fontweight="bold")
     handles = _legend_handles(reference is not None, prediction is not None, scheme.multi)
     if handles:
@@ -221,7 +225,9 @@ def overlay_slices(
 def _value(row: Mapping[str, object], key: str) -> float:
     """row[key] as a float; NaN when missing, empty or None."""
     raw = row.get(key)
-    return math.nan if raw is None or raw == "" else float(raw)
+    if raw is None or raw == "":
+        return math.nan
+    return float(raw) if isinstance(raw, int | float | str) else math.nan
 
 
 def _missing_bars(ax: Axes, start: int, count: int, height: float) -> None:
@@ -361,15 +367,13 @@ def report_page(
 ) -> Path:
     """One page: title, severity table, model identity and prediction overlays."""
     fig = Figure(figsize=REPORT_INCHES, dpi=DPI, layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=(0.75, 1.0))
+    top, bottom = cast(np.ndarray, fig.subfigures(2, 1, height_ratios=(0.75, 1.0)))
     top.suptitle(f"Infection report: {report.get('case', '')}", fontsize=15, fontweight="bold")
     ax = top.subplots()
     ax.set_axis_off()
-    rows = (
-        _report_lines(report)
-        + [("", "")]
-        + [(f"Model {k}", _cell(v)) for k, v in dict(report.get("model", {})).items()]
-    )
+    model = report.get("model")
+    identity = model.items() if isinstance(model, Mapping) else ()
+    rows = _report_lines(report) + [("", "")] + [(f"Model {k}", _cell(v)) for k, v in identity]
     table = ax.table(
         cellText=[[a, b] for a, b in rows],
         colWidths=(0.55, 0.45),
@@ -382,7 +386,7 @@ def report_page(
     table.scale(1, 1.3)
     axes = bottom.subplots(1, len(slices), squeeze=False)[0]
     for axis, k in zip(axes, slices, strict=True):
-        _panel(axis, image, {"pred": labels}, k, scheme)
+        _panel(axis, image, {"pred": labels}, k, scheme=scheme)
     handles = _legend_handles(False, True, scheme.multi)
     bottom.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
     bottom.suptitle("Predicted infection on the most and least involved slices", fontsize=11)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -132,7 +133,7 @@ def case_metrics(
 
 
 def summarise(
-    rows: list[dict[str, float]], keys: tuple[str, ...] = METRIC_KEYS
+    rows: Sequence[Mapping[str, object]], keys: tuple[str, ...] = METRIC_KEYS
 ) -> dict[str, float | int | None]:
     """Mean, population std and count of non-NaN values per key; None where all are NaN."""
     summary: dict[str, float | int | None] = {"n_cases": len(rows)}

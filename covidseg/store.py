@@ -45,15 +45,18 @@ class CaseMeta:
     def from_attrs(cls, attrs: h5py.AttributeManager) -> CaseMeta:
         """Read the attributes written by `write_store`."""
         raw = {key: attrs[key] for key in cls.__dataclass_fields__}
+        shape = [int(v) for v in raw["original_shape"]]
+        spacing, original = ([float(v) for v in raw[k]] for k in ("spacing", "original_spacing"))
+        low, high = (float(v) for v in raw["hu_window"])
         return cls(
             case=str(raw["case"]),
             encoding=str(raw["encoding"]),
             target=str(raw["target"]),
-            original_shape=tuple(int(v) for v in raw["original_shape"]),
-            original_spacing=tuple(float(v) for v in raw["original_spacing"]),
-            spacing=tuple(float(v) for v in raw["spacing"]),
+            original_shape=(shape[0], shape[1], shape[2]),
+            original_spacing=(original[0], original[1], original[2]),
+            spacing=(spacing[0], spacing[1], spacing[2]),
             affine=np.asarray(raw["affine"]).tolist(),
-            hu_window=tuple(float(v) for v in raw["hu_window"]),
+            hu_window=(low, high),
             slice_has_infection=tuple(int(v) for v in raw["slice_has_infection"]),
         )
 

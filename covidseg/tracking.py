@@ -185,7 +185,10 @@ class Tracker:
         dimensions) with `metadata` (how to feed it), register it and alias it. Its URI, or
         None if that failed."""
         return self._attempt(
-            lambda: self._log_model(model, input_example, registered_name, alias, metadata), None
+            lambda: self._log_model(
+                model, input_example, registered_name, alias, metadata=metadata
+            ),
+            None,
         )
 
     def end(self, status: str = "FINISHED") -> None:
@@ -332,6 +335,7 @@ class Tracker:
         input_example: np.ndarray,
         registered_name: str | None,
         alias: str | None,
+        *,
         metadata: dict[str, Any] | None,
     ) -> str:
         import mlflow.pytorch

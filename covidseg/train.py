@@ -15,6 +15,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -137,7 +138,7 @@ def train_epoch(
 ) -> tuple[float, int]:
     """One pass over the sampler's draws; returns (mean loss, slices seen)."""
     model.train()
-    loader.sampler.set_epoch(epoch)
+    cast(BalancedSampler, loader.sampler).set_epoch(epoch)
     total, seen = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch}/{params.train.epochs}", unit="batch", disable=not show)
     for image, target in bar:
@@ -206,6 +207,7 @@ def build_parts(params: Params, classes: int, device: torch.device) -> dict:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     if tp.scheduler == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tp.epochs)
     else:
@@ -301,7 +303,7 @@ def setup(params: Params, paths: TrainPaths) -> Run:
     )
 
 
-def record_epoch(run: Run, epoch: int, train_loss: float, lr: float, start: float) -> bool:
+def record_epoch(run: Run, epoch: int, train_loss: float, lr: float, *, start: float) -> bool:
     """Validate, checkpoint, log; True when early stopping says stop (main process only)."""
     val_loss: float | None = None
     dices: dict[str, float] = {}
@@ -352,7 +354,7 @@ def one_epoch(run: Run, epoch: int) -> tuple[bool, float]:
     speed = seen * run.dist.world_size / (time.perf_counter() - start)
     stop = torch.zeros(1, device=run.device)  # nccl only carries device tensors
     if run.dist.main:
-        stop[0] = float(record_epoch(run, epoch, train_loss, lr, start))
+        stop[0] = float(record_epoch(run, epoch, train_loss, lr, start=start))
     if run.dist.world_size > 1:
         dist.broadcast(stop, src=0)
     return bool(stop.item()), speed

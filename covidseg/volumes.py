@@ -59,7 +59,8 @@ class Volume:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along (slice, row, col)."""
-        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+        s, r, c = (float(v) for v in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+        return s, r, c
 
 
 def case_name(path: Path) -> str:
@@ -98,6 +99,8 @@ def read_nifti(path: Path, case: str) -> tuple[np.ndarray, np.ndarray]:
     """Decode a NIfTI file to (array as on disk, affine); any corruption names the case."""
     try:
         image = nib.load(path)
+        if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+            raise CovidSegError(f"{case}: {path.name} is not a NIfTI image")
         data = np.asanyarray(image.dataobj)
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as error:
         raise CovidSegError(f"{case}: cannot read {path.name} ({error})") from None
@@ -130,7 +133,7 @@ def check_finite(data: np.ndarray, case: str, what: str) -> None:
         raise CovidSegError(f"{case}: {what} contains NaN or Inf values")
 
 
-def label_values(mask: np.ndarray) -> set[int]:
+def label_values(mask: np.ndarray) -> set[int | float]:
     """The set of values in a mask; fast for small non-negative integers."""
     if np.issubdtype(mask.dtype, np.unsignedinteger) and mask.dtype.itemsize <= 2:
         # order="K": nibabel arrays are Fortran-ordered; a C-order ravel would copy the volume
@@ -165,7 +168,7 @@ class LoadedCase:
     masks: dict[str, np.ndarray]
 
 
-def read_mask(path: Path, case: str, archive: str, image_shape: tuple, image_affine: np.ndarray):
+def read_mask(path: Path, case: str, archive: str, image_shape: tuple, *, image_affine: np.ndarray):
     """Read one mask and check it lies on its image's voxel grid and holds allowed labels."""
     data, affine = read_nifti(path, case)
     if data.shape != image_shape:
@@ -183,7 +186,7 @@ def load_case(files: CaseFiles) -> LoadedCase:
     data, affine = read_nifti(files.image, files.name)
     check_finite(data, files.name, "image")
     masks = {
-        archive: read_mask(path, files.name, archive, data.shape, affine)
+        archive: read_mask(path, files.name, archive, data.shape, image_affine=affine)
         for archive, path in files.masks.items()
     }
     image = reorient(data, affine)

@@ -11,8 +11,8 @@ import pytest
 
 from covidseg.config import parse_params
 from covidseg.evaluate import EvalPaths, evaluate
-from covidseg.prepare import prepare_dataset
 from covidseg.labels import whole_lungs
+from covidseg.prepare import prepare_dataset
 from covidseg.train import TrainPaths, train
 
 TINY = {
