@@ -31,7 +31,8 @@ def validate(
     """(mean slice loss, {case: infection Dice}) over whole validation volumes; labels as
     `evaluate` makes them (`threshold` for one output map, argmax otherwise)."""
     model.eval()
-    total, count, dices = 0.0, 0, {}
+    total: torch.Tensor | float = 0.0
+    count, dices = 0, {}
     for case, arrays in cases.items():
         labels = []
         for start in range(0, len(arrays["image"]), batch_size):
@@ -40,10 +41,12 @@ def validate(
             image, target = image[:, None].to(device), target.to(device)
             with autocast(device, bf16):
                 logits = model(image)
-            total += loss_fn(logits, target).item() * len(image)
+            # slice by slice: a batch's Dice term pools its slices, so the mean of per-batch
+            # losses would depend on the batch size, a runtime setting
+            total += sum(loss_fn(logits[i : i + 1], target[i : i + 1]) for i in range(len(image)))
             count += len(image)
             prob = probabilities(logits).permute(1, 0, 2, 3).cpu().numpy()
             labels.append(to_labels(prob, threshold))
         pred = np.concatenate(labels) == infection_label
         dices[case] = dice(pred, arrays["mask"] == infection_label)
-    return total / max(count, 1), dices
+    return float(total) / max(count, 1), dices

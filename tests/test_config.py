@@ -37,6 +37,12 @@ def test_shipped_params_are_valid_and_match_the_study() -> None:
         ({"download": {"sha256": {"a.zip": "xyz"}}}, "download.sha256.a.zip"),
         ({"download": {"sha256": {"../a.zip": "0" * 64}}}, "not a plain .zip archive name"),
         ({"runtime": {"device": "tpu"}}, "runtime.device"),
+        ({"train": {"device": "cpu"}}, "train.device: moved to runtime.device"),
+        ({"train": {"num_workers": 4}}, "train.num_workers: moved to runtime.num_workers"),
+        ({"evaluate": {"batch_size": 4}}, "evaluate.batch_size: moved to runtime.eval_batch_size"),
+        ({"train": {"lr": float("inf")}}, "train.lr: Input should be a finite number"),
+        ({"prepare": {"hu_window": [float("-inf"), 250]}}, "prepare.hu_window.0: Input should"),
+        ({"train": {"loss": {"bce_weight": float("nan")}}}, "train.loss.bce_weight: Input should"),
     ],
 )
 def test_bad_values_are_one_line_errors(raw: dict, expected: str) -> None:

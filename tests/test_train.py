@@ -122,6 +122,35 @@ def test_training_is_repeatable_and_resume_skips_finished_epochs(
     assert fingerprint(params, other) != fingerprint(params, split)
 
 
+def test_changing_runtime_settings_resumes_the_checkpoint(
+    prepared, tmp_path, monkeypatch, capsys
+) -> None:
+    import covidseg.train as training
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    params = parse_params(TINY)
+    train(params, paths(tmp_path, prepared, "whole"))
+    real_one_epoch = training.one_epoch
+
+    def stop_in_epoch_two(run, epoch):  # a Ctrl-C during the second epoch
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_one_epoch(run, epoch)
+
+    monkeypatch.setattr(training, "one_epoch", stop_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(params, paths(tmp_path, prepared, "cut"))
+    monkeypatch.setattr(training, "one_epoch", real_one_epoch)
+    capsys.readouterr()
+    other_runtime = parse_params({**TINY, "runtime": {"num_workers": 1, "eval_batch_size": 3}})
+    assert fingerprint(other_runtime, {}) == fingerprint(params, {})
+    train(other_runtime, paths(tmp_path, prepared, "cut"))
+    assert "resuming after epoch 1 of 2" in capsys.readouterr().out
+    whole, cut = (read_log(tmp_path / name / "log.csv") for name in ("whole", "cut"))
+    assert cut == whole  # same losses and Dice, with another worker count and batch size
+
+
 def test_ddp_on_two_cpu_processes_keeps_ranks_in_sync(prepared, tmp_path) -> None:
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "epochs": 1}}))

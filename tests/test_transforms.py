@@ -1,0 +1,188 @@
+"""One preprocessing and one postprocessing path: prepare, evaluate and predict agree exactly.
+
+Also the unit pieces they are made of: the resample round trip, the intensity mapping of both
+encodings, the flip-TTA left/right swap and the validation Dice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from covidseg.config import PrepareParams, SplitParams
+from covidseg.evaluate import predict_stored
+from covidseg.inference import InferenceOptions, predict_volume
+from covidseg.intensity import HU, UINT8, UINT8_WINDOW_HU, normalise
+from covidseg.labels import INFECTION, LUNG_INFECTION
+from covidseg.model import build_model
+from covidseg.modelio import ModelSpec, load_model, save_model
+from covidseg.predict import Predictor, segment_scan
+from covidseg.prepare import prepare_dataset
+from covidseg.resample import to_original_grid, to_square
+from covidseg.store import read_arrays, read_meta
+from covidseg.transforms import recipe_of, scan_input
+from covidseg.validation import dice, validate
+from covidseg.volumes import find_cases, read_nifti
+
+SIZE = 64
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def stores(raw_dir: Path, tmp_path: Path) -> tuple[Path, PrepareParams]:
+    params = PrepareParams(image_size=SIZE, target="lung_infection")
+    split = SplitParams(scheme="kfold", n_folds=2)
+    out = tmp_path / "prepared"
+    prepare_dataset(params, split, raw_dir=raw_dir, out_dir=out, splits_path=tmp_path / "s.json")
+    return out, params
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path, stores: tuple[Path, PrepareParams]) -> Path:
+    """An untrained U-Net saved as a model folder with the stores' recipe (probabilities near
+    0.5 everywhere: the hardest case for two paths to agree on every label)."""
+    torch.manual_seed(0)
+    model = build_model("Unet", "resnet18", None, LUNG_INFECTION.classes)
+    recipe = recipe_of(stores[1])
+    spec = ModelSpec(
+        arch="Unet",
+        encoder="resnet18",
+        classes=LUNG_INFECTION.classes,
+        target=LUNG_INFECTION.target,
+        image_size=recipe.image_size,
+        hu_window=recipe.hu_window,
+        image_dtype=recipe.image_dtype,
+        labels=LUNG_INFECTION.to_json(),
+    )
+    save_model(tmp_path / "model", model.state_dict(), spec)
+    return tmp_path / "model"
+
+
+def test_stored_slices_are_what_predict_feeds_the_model(raw_dir: Path, stores) -> None:
+    out, params = stores
+    for files in find_cases(raw_dir):
+        data, affine = read_nifti(files.image, files.name)
+        fed, _ = scan_input(data, affine, files.name, recipe_of(params))
+        stored = read_arrays(out / f"{files.name}.h5", ("image",))["image"]
+        assert fed.image.dtype == stored.dtype == np.float16
+        assert np.array_equal(fed.image, stored)
+
+
+def test_evaluate_and_predict_give_identical_labels(raw_dir: Path, stores, model_dir) -> None:
+    model, spec = load_model(model_dir, CPU)
+    options = InferenceOptions(batch_size=4, precision="fp32")
+    predictor = Predictor(model=model, spec=spec, source="m", device=CPU, options=options)
+    for files in find_cases(raw_dir):
+        store = stores[0] / f"{files.name}.h5"
+        image, meta = read_arrays(store, ("image",))["image"], read_meta(store)
+        evaluated = predict_stored(model, image, meta, spec=spec, options=options, device=CPU)
+        data, affine = read_nifti(files.image, files.name)
+        predicted, _, volume = segment_scan(predictor, data, affine, files.name)
+        assert predicted.labels.shape == volume.data.shape
+        assert np.array_equal(evaluated.labels, predicted.labels)
+        assert np.array_equal(evaluated.stored, predicted.stored)
+        assert len(np.unique(predicted.labels)) > 1  # a real test: more than one label
+
+
+def test_model_json_carries_the_label_scheme(model_dir: Path) -> None:
+    _, spec = load_model(model_dir, CPU)
+    assert spec.scheme == LUNG_INFECTION
+    assert spec.scheme.names == ("background", "left_lung", "right_lung", "infection")
+    assert spec.recipe.image_dtype == "float16"
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(40, 40), (50, 30), (23, 61)])
+def test_labels_survive_the_resample_round_trip(rows: int, cols: int) -> None:
+    rng = np.random.default_rng(rows)
+    labels = np.zeros((2, rows, cols), np.uint8)
+    labels[:, rows // 4 : rows // 2, cols // 3 : 2 * cols // 3] = 1
+    labels[1, rng.integers(0, rows, 5), rng.integers(0, cols, 5)] = 2
+    up = to_square(labels, 128, labels=True)  # upsampling: every source voxel survives
+    assert up.shape == (2, 128, 128)
+    assert np.array_equal(to_original_grid(up, rows, cols, labels=True), labels)
+
+
+def test_images_keep_their_scale_through_the_round_trip() -> None:
+    ramp = np.tile(np.linspace(0, 1, 48, dtype=np.float32), (1, 30, 1))  # (1, 30, 48)
+    square = to_square(ramp, 96, labels=False)
+    assert square[0, 0, 0] == pytest.approx(0.0)  # the padding holds the lowest value (air)
+    back = to_original_grid(square, 30, 48, labels=False)
+    assert back.shape == ramp.shape
+    assert np.abs(back - ramp)[:, 2:-2, 2:-2].max() < 0.02
+
+
+def test_both_encodings_map_the_same_hu_to_the_same_value() -> None:
+    hu = np.array([-1250.0, -1000.0, -500.0, 0.0, 250.0], dtype=np.float32)
+    low, high = UINT8_WINDOW_HU
+    encoded = np.round((hu - low) / (high - low) * 255).astype(np.uint8)
+    window = (-1000.0, 100.0)
+    from_hu = normalise(hu.astype(np.int16), HU, window)
+    from_uint8 = normalise(encoded, UINT8, window)
+    assert from_hu.tolist() == pytest.approx([0.0, 0.0, 500 / 1100, 1000 / 1100, 1.0])
+    assert np.abs(from_uint8 - from_hu).max() <= (high - low) / 255 / (window[1] - window[0])
+
+
+class LeftSideDetector(torch.nn.Module):
+    """Four maps; the 'left lung' map fires on the image's right half (where the patient's left
+    lies), the 'right lung' map on the left half. Flipping the input must swap them back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        right_half = (torch.arange(x.shape[-1]) >= x.shape[-1] // 2).float().expand_as(x)
+        return torch.cat([torch.zeros_like(x), 5 * right_half, 5 * (1 - right_half), -5 + 0 * x], 1)
+
+
+def test_flip_tta_swaps_the_lung_channels_back() -> None:
+    image = np.zeros((1, 8, 8), np.float32)
+    options = InferenceOptions(tta_flip=True, precision="fp32")
+    plain = predict_volume(
+        LeftSideDetector(), image, CPU, options=InferenceOptions(precision="fp32")
+    )
+    tta = predict_volume(LeftSideDetector(), image, CPU, options=options, mirror=(0, 2, 1, 3))
+    unswapped = predict_volume(LeftSideDetector(), image, CPU, options=options)
+    assert np.allclose(tta, plain, atol=1e-6)  # the mirrored pass agrees once swapped
+    assert not np.allclose(unswapped, plain, atol=0.1)  # without the swap the sides blur
+
+
+class Constant(torch.nn.Module):
+    """One logit map: +5 where the input is above 0.5, else -5."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x > 0.5, 5.0, -5.0)
+
+
+def test_validation_dice_of_known_masks() -> None:
+    from covidseg.config import LossParams
+    from covidseg.losses import SegmentationLoss
+
+    image = np.zeros((2, 8, 8), np.float16)
+    image[0, :4, :4] = 1  # predicted: 16 voxels
+    mask = np.zeros((2, 8, 8), np.uint8)
+    mask[0, :4, :2] = 1  # reference: 8 voxels, all inside the prediction
+    cases = {"a": {"image": image, "mask": mask}}
+    loss_fn = SegmentationLoss(LossParams(), INFECTION.classes)
+    _, dices = validate(
+        Constant(),
+        cases,
+        loss_fn,
+        device=CPU,
+        batch_size=1,
+        bf16=False,
+        infection_label=INFECTION.infection,
+        threshold=0.5,
+    )
+    assert dices["a"] == pytest.approx(2 * 8 / (16 + 8))
+    _, strict = validate(
+        Constant(),
+        cases,
+        loss_fn,
+        device=CPU,
+        batch_size=2,
+        bf16=False,
+        infection_label=INFECTION.infection,
+        threshold=0.999,  # sigmoid(5) = 0.9933: nothing passes
+    )
+    assert strict["a"] == 0.0
+    assert dice(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
