@@ -21,13 +21,16 @@ import torch
 from _report import load_note, machine_note, median, spread, table, timed, timed_cpu
 from _synth import make_phantom, write_case_store
 
-from covidseg.config import Params, TrainParams
-from covidseg.evaluate import predict_case
-from covidseg.inference import predict_volume, to_labels
+from covidseg.config import Params, RuntimeParams
+from covidseg.evaluate import inference_options, predict_stored
+from covidseg.inference import predict_volume
+from covidseg.labels import INFECTION
 from covidseg.metrics import case_metrics
 from covidseg.model import build_model
+from covidseg.modelio import ModelSpec
 from covidseg.resample import to_original_grid
 from covidseg.store import read_arrays, read_meta
+from covidseg.transforms import to_labels
 
 DEVICE = torch.device("cpu")
 ORIGINAL = 512
@@ -55,9 +58,8 @@ def breakdown(model: torch.nn.Module, image: np.ndarray, shape: tuple, params: P
     """Seconds of each step of `predict_case`, called one by one in its order."""
     ep = params.evaluate
     t: dict[str, float] = {}
-    t["predict"], prob = timed(
-        lambda: predict_volume(model, image, DEVICE, ep.batch_size, ep.tta_flip, params.train.bf16)
-    )
+    options = inference_options(params)
+    t["predict"], prob = timed(lambda: predict_volume(model, image, DEVICE, options=options))
     t["labels (stored grid)"], _ = timed(lambda: to_labels(prob, ep.threshold))
     t["resample"], original = timed(
         lambda: np.stack([to_original_grid(p, shape[1], shape[2], labels=False) for p in prob])
@@ -72,10 +74,19 @@ def run(args: argparse.Namespace, root: Path) -> tuple[dict, dict, dict, str]:
     store = root / "coronacases_001.h5"
     write_case_store(store, phantom, args.size)
     read_s, (arrays, meta) = timed(lambda: (read_arrays(store), read_meta(store)))
-    params = Params(arch=args.arch, encoder=args.encoder, train=TrainParams(device="cpu"))
+    params = Params(arch=args.arch, encoder=args.encoder, runtime=RuntimeParams(device="cpu"))
     torch.manual_seed(0)
     model = build_model(args.arch, args.encoder, None, 1).eval()
-    image, shape, batch = arrays["image"], meta.original_shape, params.evaluate.batch_size
+    image, shape, batch = arrays["image"], meta.original_shape, params.runtime.eval_batch_size
+    spec = ModelSpec(
+        arch=args.arch,
+        encoder=args.encoder,
+        classes=1,
+        target=INFECTION.target,
+        image_size=args.size,
+        hu_window=params.prepare.hu_window,
+    )
+    options = inference_options(params)
     ref = phantom.infection.astype(bool)
     pred = realistic_prediction(ref)
     bare_inference(model, image[:batch], batch, False)  # warm-up
@@ -83,7 +94,10 @@ def run(args: argparse.Namespace, root: Path) -> tuple[dict, dict, dict, str]:
     cpu_times: dict[str, list[float]] = {}
     parts: list[dict] = []
     paths = [
-        ("predict_case", lambda: predict_case(model, image, shape, params, DEVICE)),
+        (
+            "predict_case",
+            lambda: predict_stored(model, image, meta, spec=spec, options=options, device=DEVICE),
+        ),
         ("bare model(batch) loop", lambda: bare_inference(model, image, batch, False)),
         ("bare, channels_last", lambda: bare_inference(model, image, batch, True)),
         ("case_metrics", lambda: case_metrics(pred, ref, meta.original_spacing, 3.0)),

@@ -17,7 +17,7 @@ import torch
 from _report import load_note, machine_note, table, timed
 from _synth import make_phantom, window, write_nifti
 
-from covidseg.inference import predict_volume
+from covidseg.inference import InferenceOptions, predict_volume
 from covidseg.model import build_model
 from covidseg.modelio import ModelSpec, save_model
 from covidseg.predict import load_predictor, predict_many
@@ -41,11 +41,12 @@ def main() -> None:
         model = build_model(args.arch, args.encoder, None, 1)
         spec = ModelSpec(args.arch, args.encoder, 1, "infection", args.size, (-1250.0, 250.0))
         save_model(folder / "model", model.state_dict(), spec)
-        predictor = load_predictor(str(folder / "model"), "cpu", batch_size=args.batch)
+        options = InferenceOptions(batch_size=args.batch, precision="fp32")
+        predictor = load_predictor(str(folder / "model"), "cpu", options)
         command, _ = timed(lambda: predict_many(predictor, [folder / "scan"], folder / "out"))
         image = to_square(window(phantom.hu), args.size, labels=False)
         bare, _ = timed(
-            lambda: predict_volume(predictor.model, image, predictor.device, args.batch)
+            lambda: predict_volume(predictor.model, image, predictor.device, options=options)
         )
     print(machine_note())
     print(load_note())

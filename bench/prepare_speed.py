@@ -28,7 +28,8 @@ from _synth import make_phantom, write_nifti
 
 from covidseg.config import PrepareParams, SplitParams
 from covidseg.intensity import check_encoding, normalise
-from covidseg.prepare import prepare_case, prepare_dataset, target_mask
+from covidseg.labels import scheme_for, target_mask
+from covidseg.prepare import prepare_case, prepare_dataset
 from covidseg.resample import to_square
 from covidseg.store import COMPRESSION, CaseMeta, write_store
 from covidseg.volumes import (
@@ -142,7 +143,10 @@ def profile_parts(files: CaseFiles, params: PrepareParams, work: Path) -> dict[s
     t["cast"], stored = cpu(lambda: square.astype(params.image_dtype))
     loaded = LoadedCase(files.name, image, {INFECTION_ARCHIVE: oriented})
     t["target"], flags = cpu(
-        lambda: (target_mask(loaded, params.target), (mask_sq == 1).any(axis=(1, 2)))
+        lambda: (
+            target_mask(loaded.masks, scheme_for(params.target), files.name),
+            (mask_sq == 1).any(axis=(1, 2)),
+        )
     )
     meta = dummy_meta(files.name, image.data.shape, flags)
     arrays = {"image": stored, "mask": mask_sq}

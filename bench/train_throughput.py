@@ -23,7 +23,7 @@ from _report import load_note, machine_note, median, spread, table, timed, verdi
 from _synth import make_phantom, write_case_store
 from torch.utils.data import DataLoader
 
-from covidseg.config import Params, PrepareParams, TrainParams
+from covidseg.config import Params, PrepareParams, RuntimeParams, TrainParams
 from covidseg.dataset import SliceDataset
 from covidseg.losses import SegmentationLoss
 from covidseg.train import Dist, build_parts, make_loader, seed_everything, train_epoch
@@ -35,11 +35,12 @@ DEVICE = torch.device("cpu")
 
 def make_params(args: argparse.Namespace) -> Params:
     """The stage's params for this run (CPU, defaults otherwise)."""
-    train = TrainParams(
-        batch_size=args.batch, steps_per_epoch=args.steps, num_workers=args.workers, device="cpu"
-    )
+    train = TrainParams(batch_size=args.batch, steps_per_epoch=args.steps)
+    runtime = RuntimeParams(num_workers=args.workers, device="cpu")
     prepare = PrepareParams(image_size=args.size)
-    return Params(arch=args.arch, encoder=args.encoder, prepare=prepare, train=train)
+    return Params(
+        arch=args.arch, encoder=args.encoder, prepare=prepare, train=train, runtime=runtime
+    )
 
 
 def build_stores(root: Path, size: int) -> list[Path]:

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from covidseg.errors import CovidSegError
+from covidseg.modelnames import arch_error, encoder_error
 
 ZENODO_URL = "https://zenodo.org/records/3757476/files"
 ZENODO_SHA256 = {  # as published for record 3757476
@@ -184,6 +185,20 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
     runtime: RuntimeParams = RuntimeParams()
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        if reason := arch_error(value):
+            raise ValueError(reason)
+        return value
+
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder(cls, value: str) -> str:
+        if reason := encoder_error(value):
+            raise ValueError(reason)
+        return value
 
 
 # Keys that moved: an old params.yaml gets one line naming the new place.

@@ -6,19 +6,7 @@ import segmentation_models_pytorch as smp
 import torch
 
 from covidseg.errors import CovidSegError
-
-
-def check_model_names(arch: str, encoder: str) -> None:
-    """Refuse an unknown architecture or encoder with the list of valid names."""
-    archs = smp.MODEL_ARCHITECTURES_MAPPING
-    if arch.lower() not in archs:
-        names = ", ".join(sorted(a.__name__ for a in archs.values()))
-        raise CovidSegError(f"arch: unknown architecture {arch!r}; choose one of {names}")
-    if not encoder.startswith("tu-") and encoder not in smp.encoders.get_encoder_names():
-        raise CovidSegError(
-            f"encoder: unknown encoder {encoder!r}; see the segmentation-models-pytorch "
-            "encoder table (e.g. resnet18, resnet34, densenet201, efficientnet-b0, tu-<timm name>)"
-        )
+from covidseg.modelnames import check_model_names
 
 
 def build_model(

@@ -31,7 +31,7 @@ from covidseg.errors import CovidSegError
 from covidseg.inference import autocast
 from covidseg.labels import LabelScheme, scheme_for
 from covidseg.losses import SegmentationLoss
-from covidseg.model import build_model, check_model_names, resolve_device
+from covidseg.model import build_model, resolve_device
 from covidseg.modelio import ModelSpec, save_model
 from covidseg.splits import load_splits
 from covidseg.store import read_arrays
@@ -262,7 +262,6 @@ class Run:
 
 def setup(params: Params, paths: TrainPaths) -> Run:
     """Data, model, optimizer, checkpoint state and tracking, ready for the first epoch."""
-    check_model_names(params.arch, params.encoder)
     splits = load_splits(paths.splits)
     device = resolve_device(params.runtime.device)
     dist_info = init_distributed(device)
