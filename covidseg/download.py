@@ -130,21 +130,42 @@ def _obtain(
         _log(f"{name}: cached copy has the wrong sha256, fetching it again")
         final.unlink()
     part = cache_dir / f"{name}.part"
-    if isinstance(source, Path):
-        _copy_local(source / name, part)
-    else:
-        _download(session, f"{source}/{name}", part, digest, params=params)
+    resumed = part.is_file() and part.stat().st_size > 0 and not isinstance(source, Path)
+    _fetch(session, source, name, part, digest, params=params)
     actual = sha256_of(part)
+    if actual != digest and resumed:
+        # the bytes left by an earlier run were bad, not the mirror's: once more from byte 0
+        _log(f"{name}: the partial download left by an earlier run was corrupt; starting again")
+        part.unlink()
+        _fetch(session, source, name, part, digest, params=params)
+        actual = sha256_of(part)
     if actual != digest:
         part.unlink(missing_ok=True)
         raise CovidSegError(
-            f"{name}: sha256 mismatch (expected {digest}, got {actual}); the file was deleted. "
-            "The mirror holds a different file, or download.sha256 in params.yaml is wrong"
+            f"{name}: sha256 mismatch of a complete fresh download (expected {digest}, got "
+            f"{actual}); the file was deleted. The mirror holds a different file, or "
+            "download.sha256 in params.yaml is wrong"
         )
     os.replace(part, final)
     verb = "copied" if isinstance(source, Path) else "fetched"
     _log(f"{name}: {verb} and verified ({final.stat().st_size:,} bytes)")
     return final
+
+
+def _fetch(
+    session: requests.Session,
+    source: str | Path,
+    name: str,
+    part: Path,
+    digest: str,
+    *,
+    params: DownloadParams,
+) -> None:
+    """Copy (local mirror) or download (resuming what `part` holds) one archive."""
+    if isinstance(source, Path):
+        _copy_local(source / name, part)
+    else:
+        _download(session, f"{source}/{name}", part, digest, params=params)
 
 
 def sha256_of(path: Path) -> str:
@@ -190,21 +211,33 @@ def _copy_local(source: Path, part: Path) -> None:
 def _download(
     session: requests.Session, url: str, part: Path, digest: str, *, params: DownloadParams
 ) -> None:
-    """Download `url` into `part`, resuming what is there and retrying transient failures."""
-    attempt = 0
+    """Download `url` into `part`, resuming what is there and retrying transient failures.
+
+    The retry budget counts attempts that made no progress: a connection that drops again and
+    again, but each time after more bytes arrived, is followed until the file is complete.
+    """
+    stalls = 0
     while True:
+        before = _size(part)
         try:
             _request(session, url, part, digest, timeout=params.timeout_s)
             return
         except _Restart as error:
             _log(f"{url}: {error}; starting again from byte 0")
         except _Transient as error:
-            if attempt >= params.retries:
-                raise _give_up(url, error, attempt) from None
-            delay = params.backoff_s * 2**attempt
-            attempt += 1
-            _log(f"{url}: {error.reason}; retry {attempt}/{params.retries} in {delay:.3g} s")
+            if _size(part) > before:
+                stalls = 0  # progress: the budget starts over
+            elif stalls >= params.retries:
+                raise _give_up(url, error, stalls) from None
+            else:
+                stalls += 1
+            delay = params.backoff_s * 2 ** max(stalls - 1, 0)
+            _log(f"{url}: {error.reason}; retrying ({stalls}/{params.retries} without progress)")
             time.sleep(delay)
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
 
 
 def _give_up(url: str, error: _Transient, attempt: int) -> CovidSegError:
@@ -212,7 +245,9 @@ def _give_up(url: str, error: _Transient, attempt: int) -> CovidSegError:
     if error.unreachable:
         return CovidSegError(f"cannot reach {url}: {error.reason}. {MIRROR_HINT}")
     tries = f"{attempt + 1} attempt" + ("s" if attempt else "")
-    return CovidSegError(f"downloading {url} failed after {tries}: {error.reason}. {MIRROR_HINT}")
+    return CovidSegError(
+        f"downloading {url} failed after {tries} without progress: {error.reason}. {MIRROR_HINT}"
+    )
 
 
 def _request(

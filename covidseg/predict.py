@@ -113,6 +113,7 @@ def predict_scan(predictor: Predictor, path: Path, out_dir: Path) -> dict:
     """Segment one scan and write its label volume, report JSON and report page."""
     start = time.perf_counter()
     case = case_name(path)
+    check_owner(out_dir / f"{case}_report.json", path)
     data, affine = read_nifti(path, case)
     seg, image, volume = segment_scan(predictor, data, affine, case)
     seg_path = out_dir / f"{case}_seg.nii.gz"
@@ -122,7 +123,7 @@ def predict_scan(predictor: Predictor, path: Path, out_dir: Path) -> dict:
     spec = predictor.spec
     report = {
         "case": case,
-        "input": str(path),
+        "input": str(path.resolve()),
         "segmentation": seg_path.name,
         **json_safe(severity(seg.labels, volume.spacing, spec.scheme)),
         "voxel_spacing_mm": [round(s, 4) for s in volume.spacing],
@@ -142,6 +143,34 @@ def predict_scan(predictor: Predictor, path: Path, out_dir: Path) -> dict:
     return report
 
 
+def check_owner(report: Path, scan: Path) -> None:
+    """Refuse to replace the outputs of another input that had the same name."""
+    try:
+        previous = json.loads(report.read_text()).get("input")
+    except (OSError, ValueError, AttributeError):
+        return  # nothing there (or not ours to read): nothing to protect
+    if previous and previous != str(scan.resolve()):
+        raise CovidSegError(
+            f"{scan}: {report.parent} already holds the result of another scan of the same "
+            f"name ({previous}); refusing to overwrite it, choose another -o folder"
+        )
+
+
+def check_names(files: list[Path]) -> None:
+    """Two inputs that would write the same output names are an error before any work."""
+    by_case: dict[str, list[Path]] = {}
+    for path in files:
+        by_case.setdefault(case_name(path), []).append(path)
+    clashes = [paths for paths in by_case.values() if len({p.resolve() for p in paths}) > 1]
+    if clashes:
+        first = clashes[0]
+        raise CovidSegError(
+            f"{first[0]} and {first[1]} would both write {case_name(first[0])}_seg.nii.gz; "
+            "predict them into separate -o folders"
+            + (f" ({len(clashes) - 1} more such clashes)" if len(clashes) > 1 else "")
+        )
+
+
 def json_safe(values: dict) -> dict:
     """NaN (e.g. the share infected of a lung that was not found) becomes JSON null."""
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in values.items()}
@@ -154,7 +183,11 @@ def _identity(spec: ModelSpec) -> dict:
 
 def predict_many(predictor: Predictor, inputs: list[Path], out_dir: Path) -> int:
     """Segment every scan; a bad input is one error line and the others go on. Failures."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CovidSegError(f"-o {out_dir}: is a file; name a folder for the outputs")
     files, problems = scan_files(inputs)
+    files = list(dict.fromkeys(files))  # a scan named twice is segmented once
+    check_names(files)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     failures = len(problems)

@@ -375,8 +375,25 @@ def load_model(uri: str, *, root: Path | None = None) -> tuple[torch.nn.Module, 
         import mlflow.models
         import mlflow.pytorch
 
+        _check_store(root or repo_root())
         _use_store(root or repo_root())
         metadata = mlflow.models.get_model_info(uri).metadata or {}
         return mlflow.pytorch.load_model(uri), metadata
+    except CovidSegError:
+        raise
     except Exception as error:
         raise CovidSegError(f"cannot load the model {uri}: {_short(error)}") from None
+
+
+def _check_store(root: Path) -> None:
+    """Reading a model must not create an empty store: without `MLFLOW_TRACKING_URI`, the
+    repository's `mlflow.db` must already exist."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    store = root / "mlflow.db"
+    if not store.is_file():
+        raise CovidSegError(
+            f"no MLflow store at {store} (looked from {Path.cwd()} up to the repository root); "
+            "run this inside the covidseg repository that trained the model, or set "
+            "MLFLOW_TRACKING_URI to your tracking server"
+        )

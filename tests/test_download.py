@@ -200,7 +200,7 @@ def test_stalled_reply_times_out_and_is_retried(
     cache, raw = dirs
     http_mirror.fail(LUNG, Fault(stall_s=1.0))
     fetch_archives(params(http_mirror.url, mirror.sha256, timeout_s=0.3), cache, raw)
-    assert f"{LUNG}: no data for 0.3 s; retry 1/2" in capsys.readouterr().err
+    assert f"{LUNG}: no data for 0.3 s; retrying (1/2 without progress)" in capsys.readouterr().err
     assert sha256_of(cache / LUNG) == mirror.sha256[LUNG]
     assert_extracted(raw, mirror)
 

@@ -51,7 +51,7 @@ def test_the_download_stage_refuses_a_bad_encoder_before_any_work(tmp_path: Path
     )
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        f"error: params.yaml: encoder: unknown encoder 'tu-notamodel': timm has no model named "
+        "error: params.yaml: encoder: unknown encoder 'tu-notamodel': timm has no model named "
         "'notamodel'"
     ]
     assert not (tmp_path / "c").exists() and not (tmp_path / "raw").exists()
