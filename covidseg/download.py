@@ -131,13 +131,13 @@ def _obtain(
         final.unlink()
     part = cache_dir / f"{name}.part"
     resumed = part.is_file() and part.stat().st_size > 0 and not isinstance(source, Path)
-    _fetch(session, source, name, part, digest, params=params)
+    _fetch(session, source, name, part=part, digest=digest, params=params)
     actual = sha256_of(part)
     if actual != digest and resumed:
         # the bytes left by an earlier run were bad, not the mirror's: once more from byte 0
         _log(f"{name}: the partial download left by an earlier run was corrupt; starting again")
         part.unlink()
-        _fetch(session, source, name, part, digest, params=params)
+        _fetch(session, source, name, part=part, digest=digest, params=params)
         actual = sha256_of(part)
     if actual != digest:
         part.unlink(missing_ok=True)
@@ -156,9 +156,9 @@ def _fetch(
     session: requests.Session,
     source: str | Path,
     name: str,
+    *,
     part: Path,
     digest: str,
-    *,
     params: DownloadParams,
 ) -> None:
     """Copy (local mirror) or download (resuming what `part` holds) one archive."""
