@@ -69,7 +69,7 @@ def case_files(raw: Path, name: str) -> CaseFiles:
 def run_stage(raw: Path, work: Path, params: PrepareParams) -> tuple[float, float]:
     """(wall, CPU) seconds per case of the real stage function."""
     out = work / "prepared"
-    split = SplitParams(scheme="kfold", n_folds=2)
+    split = SplitParams(scheme="kfold", n_folds=2, folds=(0, 1))
     with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):  # the progress bar
         wall, cpu, _ = timed_cpu(
             lambda: prepare_dataset(

@@ -38,8 +38,8 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--model",
         required=True,
-        help="trained model folder (models/model) or MLflow URI "
-        "(models:/<name>@<alias>, runs:/<run id>/model)",
+        help="the folds' models (models: their probabilities averaged), one fold's model "
+        "folder (models/fold-0) or an MLflow URI (models:/<name>@<alias>, runs:/<run id>/model)",
     )
     predict.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     predict.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))

@@ -163,11 +163,12 @@ def evaluate_case(
     return row
 
 
-def evaluate(params: Params, paths: EvalPaths) -> dict:
-    """Score every test case; write metrics JSON, per-case CSV and figures; track the run."""
-    test = load_splits(paths.splits).get("test") or []
+def evaluate(params: Params, paths: EvalPaths, *, fold: int = 0) -> dict:
+    """Score every test case of `fold`; write metrics JSON, per-case CSV and figures; track the
+    fold's run (its model logged there; `aggregate` registers the ensemble of all folds)."""
+    test = load_splits(paths.splits, fold).get("test") or []
     if not test:
-        raise CovidSegError(f"{paths.splits}: no test cases")
+        raise CovidSegError(f"{paths.splits}: no test cases in fold {fold}")
     device = resolve_device(params.runtime.device)
     model, spec = load_model(paths.model_dir, device)
     files = reference_files(paths.raw_dir, test)
@@ -192,13 +193,14 @@ def evaluate(params: Params, paths: EvalPaths) -> dict:
             training_curves(read_log(paths.train_log), reports / "training_curves.png")
     keys = tuple(k for k in rows[0] if k != "case")
     summary = {
+        "fold": fold,
         **summarise(rows, keys),
         "threshold": params.evaluate.threshold,
         "nsd_tolerance_mm": params.evaluate.nsd_tolerance_mm,
     }
     write_json_atomic(paths.metrics, summary)
     write_per_case(paths.per_case, rows)
-    track(params, paths, spec, model, summary=summary)
+    track(params, paths, spec, model, summary=summary, fold=fold)
     return summary
 
 
@@ -209,10 +211,16 @@ def read_log(path: Path) -> list[dict]:
 
 
 def track(
-    params: Params, paths: EvalPaths, spec: ModelSpec, model: torch.nn.Module, *, summary: dict
+    params: Params,
+    paths: EvalPaths,
+    spec: ModelSpec,
+    model: torch.nn.Module,
+    *,
+    summary: dict,
+    fold: int,
 ) -> None:
-    """Add test metrics, artifacts and the registered model to the training run."""
-    tracker = Tracker.start(params, run_id=spec.run_id, stage="evaluate")
+    """Add test metrics, artifacts and the fold's model to the fold's training run."""
+    tracker = Tracker.start(params, run_id=spec.run_id, stage="evaluate", fold=fold)
     tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     for path, folder in (
         (Path("params.yaml"), None),
@@ -224,10 +232,6 @@ def track(
             tracker.log_artifact(path, folder)
     example = np.zeros((1, 1, spec.image_size, spec.image_size), dtype=np.float32)
     tracker.log_model(
-        model.cpu(),
-        example,
-        registered_name=params.tracking.registered_model,
-        alias=params.tracking.alias,
-        metadata=spec.to_json(),
+        model.cpu(), example, registered_name=None, alias=None, metadata=spec.to_json()
     )
     tracker.end()

@@ -391,3 +391,42 @@ def report_page(
     bottom.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
     bottom.suptitle("Predicted infection on the most and least involved slices", fontsize=11)
     return _save(fig, path)
+
+
+BENCHMARK_INCHES = (9.0, 4.2)
+PUBLISHED_COLOUR = "#c44e52"
+
+
+def benchmark_figure(
+    folds: Mapping[str, Mapping[str, float | None]],
+    published: Mapping[str, object] | None,
+    path: Path,
+) -> Path:
+    """Per-fold Dice and NSD (mean ± std over the fold's cases) as bars, the published per-fold
+    means as red diamonds where the protocol has them. Pixel size: BENCHMARK_INCHES x DPI."""
+    fig = Figure(figsize=BENCHMARK_INCHES, dpi=DPI, layout="constrained")
+    reference = published.get("folds", {}) if published else {}
+    assert isinstance(reference, Mapping)
+    names = list(folds)
+    for ax, metric, label in zip(fig.subplots(1, 2), ("dice", "nsd"), ("Dice", "NSD"), strict=True):
+        means = [_value(folds[k], metric) for k in names]
+        stds = [_value(folds[k], f"{metric}_std") for k in names]
+        x = np.arange(len(names))
+        ax.bar(
+            x,
+            np.nan_to_num(means),
+            yerr=np.nan_to_num(stds),
+            color=BAR_COLOUR,
+            width=0.6,
+            capsize=4,
+            label="this run (mean ± std)",
+        )
+        pub = [reference.get(k, {}).get(metric, [math.nan])[0] for k in names]
+        if any(not math.isnan(v) for v in pub):
+            ax.plot(x, pub, "D", color=PUBLISHED_COLOUR, ms=8, label="published 3D U-Net")
+        ax.set_xticks(x, [f"Fold{k}" for k in names])
+        ax.set_ylim(0.0, 1.05)
+        ax.set_title(f"Infection {label} per fold", fontsize=12, fontweight="bold", loc="left")
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.legend(frameon=False, loc="lower left", fontsize=8)
+    return _save(fig, path)

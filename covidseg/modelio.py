@@ -32,6 +32,7 @@ class ModelSpec:
     hu_window: tuple[float, float]
     image_dtype: str = "float16"
     labels: dict[str, Any] = field(default_factory=dict)
+    folds: list[int] = field(default_factory=list)  # the cross-validation folds it was made on
     run_id: str | None = None
     best_epoch: int = 0
     val_dice: float | None = None

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from covidseg.atomic import atomic_file, write_json_atomic
+from covidseg.ensemble import is_ensemble_folder, load_ensemble
 from covidseg.errors import CovidSegError
 from covidseg.figures import pick_slices, report_page
 from covidseg.inference import InferenceOptions, Segmentation, segment
@@ -58,7 +59,11 @@ def load_predictor(
             raise CovidSegError(f"{ref}: logged without covidseg metadata (image size, labels)")
         spec = ModelSpec.from_json(metadata, ref)
         return Predictor(module.to(target), spec, ref, target, options)
-    model, spec = load_model(Path(ref), target)
+    folder = Path(ref)
+    if is_ensemble_folder(folder):  # models/: every fold-<k> model, probabilities averaged
+        ensemble, spec = load_ensemble(folder, target)
+        return Predictor(ensemble, spec, str(ref), target, options)
+    model, spec = load_model(folder, target)
     return Predictor(model, spec, str(ref), target, options)
 
 
@@ -177,7 +182,7 @@ def json_safe(values: dict) -> dict:
 
 
 def _identity(spec: ModelSpec) -> dict:
-    keys = ("arch", "encoder", "target", "image_size", "run_id", "best_epoch", "val_dice")
+    keys = ("arch", "encoder", "target", "image_size", "folds", "run_id", "best_epoch", "val_dice")
     return {k: v for k, v in asdict(spec).items() if k in keys}
 
 

@@ -11,7 +11,7 @@ from covidseg.atomic import atomic_dir, write_json_atomic
 from covidseg.config import PrepareParams, SplitParams
 from covidseg.labels import scheme_for, target_mask
 from covidseg.resample import resized_spacing, to_square
-from covidseg.splits import make_split
+from covidseg.splits import make_splits
 from covidseg.store import CaseMeta, write_store
 from covidseg.transforms import model_input, recipe_of
 from covidseg.volumes import CaseFiles, find_cases, load_case
@@ -50,10 +50,10 @@ def prepare_dataset(
     raw_dir: Path,
     out_dir: Path,
     splits_path: Path,
-) -> dict[str, list[str]]:
-    """Write `<case>.h5` for every case and the split; nothing is left half-written."""
+) -> dict[str, dict[str, list[str]]]:
+    """Write `<case>.h5` for every case and every fold's split; nothing is left half-written."""
     cases = find_cases(raw_dir)
-    splits = make_split(split, [c.name for c in cases])  # fail before hours of work
+    splits = make_splits(split, [c.name for c in cases])  # fail before hours of work
     with atomic_dir(out_dir) as tmp:
         for files in tqdm(cases, desc="prepare", unit="case"):
             arrays, meta = prepare_case(files, params)

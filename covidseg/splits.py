@@ -65,21 +65,21 @@ def hold_out_validation(train: list[str], fraction: float, seed: int) -> tuple[l
     return sorted(c for c in train if c not in val), val
 
 
-def make_split(params: SplitParams, cases: list[str]) -> dict[str, list[str]]:
-    """`{"train", "val", "test"}` case lists for the selected scheme and fold."""
+def make_split(params: SplitParams, cases: list[str], fold: int) -> dict[str, list[str]]:
+    """`{"train", "val", "test"}` case lists of one fold of the selected scheme."""
     present = set(cases)
     if params.scheme == "benchmark":
-        fold = benchmark_fold(params.protocol, params.fold)
-        absent = sorted(c for c in fold["train"] + fold["test"] if c not in present)
+        chosen = benchmark_fold(params.protocol, fold)
+        absent = sorted(c for c in chosen["train"] + chosen["test"] if c not in present)
         if absent:
             raise CovidSegError(
-                f"the benchmark split ({params.protocol}, fold {params.fold}) names "
+                f"the benchmark split ({params.protocol}, fold {fold}) names "
                 f"{len(absent)} cases that are not in the data: {', '.join(absent)}; "
                 "download all archives or set split.scheme: kfold to split the cases present"
             )
-        test, train = fold["test"], fold["train"]
+        test, train = chosen["test"], chosen["train"]
     else:
-        test = kfold_test_cases(sorted(present), params.n_folds, params.fold, params.seed)
+        test = kfold_test_cases(sorted(present), params.n_folds, fold, params.seed)
         train = sorted(present - set(test))
     if not train:
         raise CovidSegError("the split leaves no training case")
@@ -87,12 +87,24 @@ def make_split(params: SplitParams, cases: list[str]) -> dict[str, list[str]]:
     return {"train": train, "val": val, "test": sorted(test)}
 
 
-def load_splits(path: Path) -> dict[str, list[str]]:
-    """Read `splits.json`; it must name training cases."""
+def make_splits(params: SplitParams, cases: list[str]) -> dict[str, dict[str, list[str]]]:
+    """Every fold of the scheme, `{"0": {"train", "val", "test"}, ...}`: what `prepare` writes.
+
+    All folds, not only `split.folds`, so that choosing other folds changes no file that a
+    finished fold depends on.
+    """
+    return {str(k): make_split(params, cases, k) for k in range(params.fold_count)}
+
+
+def load_splits(path: Path, fold: int) -> dict[str, list[str]]:
+    """One fold of `splits.json`; it must name training cases."""
     try:
-        splits = json.loads(path.read_text())
+        folds = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise CovidSegError(f"{path}: cannot read the split ({error})") from None
-    if not splits.get("train"):
-        raise CovidSegError(f"{path}: no training cases")
-    return splits
+    if not isinstance(folds, dict) or str(fold) not in folds:
+        raise CovidSegError(f"{path}: no fold {fold}; rerun prepare (dvc repro prepare)")
+    split = folds[str(fold)]
+    if not split.get("train"):
+        raise CovidSegError(f"{path}: fold {fold} has no training cases")
+    return split

@@ -10,7 +10,9 @@ imports mlflow, and it does so lazily: a broken install is one more tracking fai
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.metadata
+import json
 import math
 import os
 import subprocess
@@ -37,6 +39,10 @@ WARNING = (
     "the files under metrics/ are the record"
 )
 MODEL_NAME = "model"  # the model's name inside its run
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a run under its parent
+KEY_TAG = "covidseg.cv_key"  # the cross-validation a parent run stands for
+FOLD_TAG = "covidseg.fold"
+NOT_LOGGED = ("runtime.", "split.folds")  # how to run, and which folds: not what a fold computes
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 # Set for stage commands by `dvc exp run` (dvc/repo/experiments/queue/base.py).
 DVC_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev"}
@@ -111,6 +117,18 @@ def _param_text(value: Any) -> str:
     return str(value)
 
 
+def run_params(params: Params) -> dict[str, str]:
+    """The params a fold's run records: what it computes (no runtime settings, no fold list)."""
+    flat = flatten(params).items()
+    return {k: _param_text(v) for k, v in flat if not k.startswith(NOT_LOGGED)}
+
+
+def cv_key(params: Params) -> str:
+    """What identifies one cross-validation: its params and DVC experiment, not its folds."""
+    blob = json.dumps([run_params(params), os.environ.get("DVC_EXP_NAME")], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def _short(error: BaseException, uri: str | None = None) -> str:
     """One short line naming the failure (for network or disk trouble, its root cause)."""
     root = error
@@ -152,11 +170,21 @@ class Tracker:
         *,
         run_id: str | None = None,
         stage: str,
+        fold: int | None = None,
         root: Path | None = None,
     ) -> Tracker:
-        """Open a new run (params logged), or reopen `run_id` to add to it."""
+        """Open a new run (params logged), or reopen `run_id` to add to it. A `fold`'s run is
+        nested under the cross-validation's parent run (see `start_parent`)."""
         tracker = cls()
-        tracker._attempt(lambda: tracker._open(params, run_id, stage, root or repo_root()), None)
+        where = root or repo_root()
+        tracker._attempt(lambda: tracker._open(params, run_id, stage, fold=fold, root=where), None)
+        return tracker
+
+    @classmethod
+    def start_parent(cls, params: Params, *, root: Path | None = None) -> Tracker:
+        """Open the parent run of this cross-validation (made by its first fold if need be)."""
+        tracker = cls()
+        tracker._attempt(lambda: tracker._open_parent(params, root or repo_root()), None)
         return tracker
 
     @property
@@ -231,20 +259,59 @@ class Tracker:
             raise RuntimeError("no MLflow run is open")
         return self._client, self.run_id
 
-    def _open(self, params: Params, run_id: str | None, stage: str, root: Path) -> None:
-        from mlflow import MlflowClient
-
-        self._uri = uri = _use_store(root)
-        self._client = MlflowClient(uri)
+    def _open(
+        self, params: Params, run_id: str | None, stage: str, *, fold: int | None, root: Path
+    ) -> None:
+        self._connect(root)
         tags = _run_tags(stage)
         if run_id and self._reopen(run_id, params, tags):
             return
+        experiment_id = self._experiment(params, root)
+        name = _run_name(params)
+        if fold is not None:
+            tags |= {PARENT_TAG: self._parent(params, experiment_id), FOLD_TAG: str(fold)}
+            name = f"{name} fold {fold}"
+        self._create(params, tags, experiment_id, name=name)
+
+    def _connect(self, root: Path) -> None:
+        from mlflow import MlflowClient
+
+        self._uri = _use_store(root)
+        self._client = MlflowClient(self._uri)
+
+    def _experiment(self, params: Params, root: Path) -> str:
+        """The experiment's id; a local store keeps its artifacts in `<root>/mlartifacts`."""
+        assert self._uri is not None
         location = (root / "mlartifacts").absolute().as_uri()
         # a server keeps its own artifacts; any local store (sqlite, a folder) gets ours, so
         # runs from DVC's temporary experiment copies never land in a folder that is deleted
-        remote = uri.startswith(("http://", "https://", "databricks"))
-        forced = None if remote else location
-        self._create(params, tags, self._experiment_id(params.tracking.experiment, forced))
+        remote = self._uri.startswith(("http://", "https://", "databricks"))
+        return self._experiment_id(params.tracking.experiment, None if remote else location)
+
+    def _open_parent(self, params: Params, root: Path) -> None:
+        self._connect(root)
+        self.run_id = self._parent(params, self._experiment(params, root))
+
+    def _parent(self, params: Params, experiment_id: str) -> str:
+        """The id of the cross-validation's parent run, created by whichever fold comes first
+        (of two made in a race, the older one wins and the other is deleted)."""
+        client = self._client
+        assert client is not None
+        key = cv_key(params)
+        query = f"tags.`{KEY_TAG}` = '{key}'"
+        order = ["attributes.start_time ASC"]
+        found = client.search_runs([experiment_id], query, order_by=order, max_results=1)
+        if found:
+            return found[0].info.run_id
+        mine = self._new_run(
+            params, _run_tags("cv") | {KEY_TAG: key}, experiment_id, name=_run_name(params)
+        )
+        client.log_param(mine, "split.folds", _param_text(list(params.split.folds)))
+        oldest = client.search_runs([experiment_id], query, order_by=order, max_results=1)
+        if oldest and oldest[0].info.run_id != mine:
+            client.delete_run(mine)
+            return oldest[0].info.run_id
+        return mine
 
     def _experiment_id(self, name: str, artifact_location: str | None) -> str:
         """The experiment's id, created (with `artifact_location`) if need be."""
@@ -263,16 +330,24 @@ class Tracker:
             assert found is not None
             return found.experiment_id
 
-    def _create(self, params: Params, tags: dict[str, str], experiment_id: str) -> None:
+    def _create(
+        self, params: Params, tags: dict[str, str], experiment_id: str, *, name: str
+    ) -> None:
+        self.run_id = self._new_run(params, tags, experiment_id, name=name)
+
+    def _new_run(
+        self, params: Params, tags: dict[str, str], experiment_id: str, *, name: str
+    ) -> str:
+        """A new run with `tags` and the run params; its id."""
         from mlflow.entities import Param
         from mlflow.tracking.context.registry import resolve_tags
 
         client = self._client
         assert client is not None
-        run = client.create_run(experiment_id, tags=resolve_tags(tags), run_name=_run_name(params))
-        self.run_id = run.info.run_id
-        values = [Param(key, _param_text(value)) for key, value in flatten(params).items()]
-        client.log_batch(self.run_id, params=values)
+        run = client.create_run(experiment_id, tags=resolve_tags(tags), run_name=name)
+        values = [Param(key, value) for key, value in run_params(params).items()]
+        client.log_batch(run.info.run_id, params=values)
+        return str(run.info.run_id)
 
     def _reopen(self, run_id: str, params: Params, tags: dict[str, str]) -> bool:
         """Reopen `run_id`; False when the store does not hold it (a new run is made instead)."""
@@ -293,7 +368,7 @@ class Tracker:
                 file=sys.stderr,
             )
             return False
-        flat = {key: _param_text(value) for key, value in flatten(params).items()}
+        flat = run_params(params)
         known = run.data.params
         diverged = any(known.get(k, v) != v for k, v in flat.items())
         exp_name = tags.get("dvc.exp_name")

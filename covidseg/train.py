@@ -64,9 +64,10 @@ class Dist:
 
 def fingerprint(params: Params, splits: dict[str, list[str]]) -> str:
     """What a checkpoint must match to be resumed: model, recipe, data params, the validation
-    threshold (it picks the best epoch) and the split; never the `runtime` settings."""
+    threshold (it picks the best epoch) and the fold's split; never the `runtime` settings nor
+    which other folds the experiment runs."""
     keys = {"arch", "encoder", "train", "prepare", "split"}
-    recipe = params.model_dump(mode="json", include=keys)
+    recipe = params.model_dump(mode="json", include=keys, exclude={"split": {"folds"}})
     blob = json.dumps([recipe, params.evaluate.threshold, splits], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -181,7 +182,7 @@ def write_log(path: Path, history: list[dict]) -> None:
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
-def model_spec(params: Params, state: State) -> ModelSpec:
+def model_spec(params: Params, state: State, fold: int) -> ModelSpec:
     """What evaluate and predict need to rebuild and feed the model."""
     scheme = scheme_for(params.prepare.target)
     recipe = recipe_of(params.prepare)
@@ -194,6 +195,7 @@ def model_spec(params: Params, state: State) -> ModelSpec:
         hu_window=recipe.hu_window,
         image_dtype=recipe.image_dtype,
         labels=scheme.to_json(),
+        folds=[fold],
         run_id=state.run_id,
         best_epoch=state.best_epoch,
         val_dice=state.best_dice if state.best_dice >= 0 else None,
@@ -254,15 +256,16 @@ class Run:
     state: State
     fp: str
     tracker: Tracker | None
+    fold: int
 
     @property
     def module(self) -> torch.nn.Module:
         return self.parts["model"]
 
 
-def setup(params: Params, paths: TrainPaths) -> Run:
+def setup(params: Params, paths: TrainPaths, fold: int) -> Run:
     """Data, model, optimizer, checkpoint state and tracking, ready for the first epoch."""
-    splits = load_splits(paths.splits)
+    splits = load_splits(paths.splits, fold)
     device = resolve_device(params.runtime.device)
     dist_info = init_distributed(device)
     seed_everything(params.train.seed)
@@ -283,7 +286,9 @@ def setup(params: Params, paths: TrainPaths) -> Run:
     net = parts["model"]
     if dist_info.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(net)
-    tracker = Tracker.start(params, run_id=state.run_id, stage="train") if dist_info.main else None
+    tracker = None
+    if dist_info.main:
+        tracker = Tracker.start(params, run_id=state.run_id, stage="train", fold=fold)
     state.run_id = tracker.run_id if tracker else state.run_id
     return Run(
         params=params,
@@ -299,6 +304,7 @@ def setup(params: Params, paths: TrainPaths) -> Run:
         state=state,
         fp=fp,
         tracker=tracker,
+        fold=fold,
     )
 
 
@@ -359,9 +365,9 @@ def one_epoch(run: Run, epoch: int) -> tuple[bool, float]:
     return bool(stop.item()), speed
 
 
-def train(params: Params, paths: TrainPaths) -> dict:
-    """Train (or resume) and write the model folder, metrics and per-epoch log."""
-    run = setup(params, paths)
+def train(params: Params, paths: TrainPaths, *, fold: int = 0) -> dict:
+    """Train (or resume) one fold and write its model folder, metrics and per-epoch log."""
+    run = setup(params, paths, fold)
     speed = 0.0
     try:
         for epoch in range(run.state.epoch + 1, params.train.epochs + 1):
@@ -379,6 +385,7 @@ def train(params: Params, paths: TrainPaths) -> dict:
             params,
             paths,
             state=run.state,
+            fold=run.fold,
             speed=speed,
             dist_info=run.dist,
             in_sync=in_sync,
@@ -397,6 +404,7 @@ def finish(
     paths: TrainPaths,
     *,
     state: State,
+    fold: int,
     speed: float,
     dist_info: Dist,
     in_sync: bool,
@@ -404,9 +412,10 @@ def finish(
 ) -> dict:
     """Export the best weights as the model folder and write `metrics/train.json`."""
     best = torch.load(paths.checkpoint_dir / "best.pt", map_location="cpu", weights_only=True)
-    save_model(paths.model_dir, best, model_spec(params, state))
+    save_model(paths.model_dir, best, model_spec(params, state, fold))
     last = (state.history or [{}])[-1]
     summary = {
+        "fold": fold,
         "best_epoch": state.best_epoch,
         "best_val_dice": state.best_dice if last.get("val_dice") is not None else None,
         "epochs_run": state.epoch,

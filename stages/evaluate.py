@@ -10,6 +10,7 @@ from covidseg.stage import run_stage
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--fold", type=int, default=0, help="which fold of splits.json")
     parser.add_argument("--data", type=Path, required=True, help="prepared stores")
     parser.add_argument("--raw", type=Path, required=True, help="extracted archives (references)")
     parser.add_argument("--splits", type=Path, required=True, help="splits.json")
@@ -31,7 +32,7 @@ def main() -> None:
         reports=args.reports,
         train_log=args.train_log,
     )
-    evaluate(params, paths)
+    evaluate(params, paths, fold=args.fold)
 
 
 if __name__ == "__main__":

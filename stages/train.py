@@ -10,6 +10,7 @@ from covidseg.train import TrainPaths, train
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--fold", type=int, default=0, help="which fold of splits.json")
     parser.add_argument("--data", type=Path, required=True, help="prepared stores")
     parser.add_argument("--splits", type=Path, required=True, help="splits.json")
     parser.add_argument("--model", type=Path, required=True, help="model folder to write")
@@ -27,7 +28,7 @@ def main() -> None:
         metrics=args.metrics,
         log=args.epoch_log,
     )
-    train(params, paths)
+    train(params, paths, fold=args.fold)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def prepared(raw_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
     from covidseg.config import PrepareParams, SplitParams
     from covidseg.prepare import prepare_dataset
 
-    split = SplitParams(scheme="kfold", n_folds=3, fold=0, val_fraction=0.5)
+    split = SplitParams(scheme="kfold", n_folds=3, folds=(0, 1, 2), val_fraction=0.5)
     out, splits = tmp_path / "prepared", tmp_path / "splits.json"
     prepare_dataset(
         PrepareParams(image_size=64), split, raw_dir=raw_dir, out_dir=out, splits_path=splits

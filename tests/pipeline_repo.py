@@ -18,7 +18,7 @@ TINY = {
     "arch": "Unet",
     "encoder": "mobilenet_v2",
     "prepare": {"image_size": 64},
-    "split": {"scheme": "kfold", "n_folds": 3, "fold": 0, "val_fraction": 0.5},
+    "split": {"scheme": "kfold", "n_folds": 3, "folds": [0], "val_fraction": 0.5},
     "train": {
         "epochs": 2,
         "batch_size": 4,

@@ -19,7 +19,7 @@ TINY = {
     "arch": "Unet",
     "encoder": "mobilenet_v2",
     "prepare": {"image_size": 64, "target": "lung_infection"},
-    "split": {"scheme": "kfold", "n_folds": 3, "fold": 0, "val_fraction": 0.5},
+    "split": {"scheme": "kfold", "n_folds": 3, "folds": [0], "val_fraction": 0.5},
     "train": {"epochs": 1, "batch_size": 4, "steps_per_epoch": 2},
     "runtime": {"num_workers": 0, "eval_batch_size": 16},
 }

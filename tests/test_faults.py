@@ -260,7 +260,7 @@ def test_a_killed_prepare_leaves_no_temporary_folder_after_the_next_run(
     (stale / "deep" / "big.h5").write_bytes(b"\0" * 1000)
     prepare_dataset(
         PrepareParams(image_size=64),
-        SplitParams(scheme="kfold", n_folds=2),
+        SplitParams(scheme="kfold", n_folds=2, folds=(0, 1)),
         raw_dir=raw_dir,
         out_dir=out,
         splits_path=tmp_path / "data" / "splits.json",

@@ -18,7 +18,7 @@ from covidseg.prepare import prepare_dataset
 from covidseg.store import read_meta
 
 PREPARE = PrepareParams(image_size=64, image_dtype="float32")
-SPLIT = SplitParams(scheme="kfold", n_folds=3, fold=0, val_fraction=0.5)
+SPLIT = SplitParams(scheme="kfold", n_folds=3, folds=(0, 1, 2), val_fraction=0.5)
 
 
 def canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:

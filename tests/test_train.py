@@ -116,8 +116,11 @@ def test_training_is_repeatable_and_resume_skips_finished_epochs(
     assert "holds a finished run; starting afresh" in capsys.readouterr().err
     assert again["final_train_loss"] == first["final_train_loss"]  # and retrains the same
     changed = parse_params({**TINY, "train": {**TINY["train"], "lr": 0.01}})
-    split = json.loads(prepared[1].read_text())
+    split = json.loads(prepared[1].read_text())["0"]
     assert fingerprint(changed, split) != fingerprint(params, split)
+    more_folds = parse_params({**TINY, "split": {"scheme": "kfold", "folds": [0, 1, 2]}})
+    fewer_folds = parse_params({**TINY, "split": {"scheme": "kfold", "folds": [0]}})
+    assert fingerprint(more_folds, split) == fingerprint(fewer_folds, split)
     other = {**split, "train": split["val"], "val": split["train"]}
     assert fingerprint(params, other) != fingerprint(params, split)
 

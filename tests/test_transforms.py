@@ -34,7 +34,7 @@ CPU = torch.device("cpu")
 @pytest.fixture
 def stores(raw_dir: Path, tmp_path: Path) -> tuple[Path, PrepareParams]:
     params = PrepareParams(image_size=SIZE, target="lung_infection")
-    split = SplitParams(scheme="kfold", n_folds=2)
+    split = SplitParams(scheme="kfold", n_folds=2, folds=(0, 1))
     out = tmp_path / "prepared"
     prepare_dataset(params, split, raw_dir=raw_dir, out_dir=out, splits_path=tmp_path / "s.json")
     return out, params

@@ -1,0 +1,210 @@
+"""The `aggregate` stage: the experiment's headline over every fold, out of fold, per case.
+
+Each `evaluate@<k>` scored its fold's test cases; this stage puts the folds together the way the
+benchmark and nnU-Net report cross-validation: means and standard deviations over all per-case
+out-of-fold results (`metrics/evaluate.json`, which `dvc metrics diff` and `dvc exp show`
+compare), one row per (fold, case) (`metrics/per_case.csv`), per-fold means
+(`metrics/per_fold.csv`, drawn by `dvc plots`), and the Task-1 style table beside the published
+numbers (`reports/benchmark.md` and `.png`). The ensemble of the fold models is logged to the
+cross-validation's MLflow parent run and registered under `tracking.alias`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from covidseg.atomic import atomic_dir, write_json_atomic, write_text_atomic
+from covidseg.config import Params
+from covidseg.ensemble import load_ensemble
+from covidseg.errors import CovidSegError
+from covidseg.figures import benchmark_figure
+from covidseg.metrics import METRIC_KEYS, summarise
+from covidseg.tracking import Tracker
+
+HEADLINE = ("dice", "nsd", "hd95")
+LUNG_KEYS = ("left_lung_dice", "left_lung_nsd", "right_lung_dice", "right_lung_nsd")
+CAVEATS = (
+    "Per-case 3D Dice and NSD (3 mm for infection, 1 mm for lungs), mean ± population std over "
+    "the test cases of each fold; Avg is over every test case of every fold.",
+    "Published numbers are the benchmark's 3D U-Net baselines (Task 1 README): another "
+    "architecture, trained on the full 3D volumes. They are comparable only on the same "
+    "protocol (`split.scheme: benchmark`, the same `split.protocol`) and with "
+    "`split.val_fraction: 0`, so that each fold trains on exactly the authors' training cases.",
+    "NSD here counts boundary voxels (MONAI's default); the benchmark's code weights surface "
+    "elements by area, so NSD can differ slightly.",
+    "Four test cases per fold (16 / 4) make single-fold numbers noisy (published fold 4: "
+    "0.66 ± 0.42 from one near-failed case): compare experiments on Avg.",
+)
+
+
+@dataclass(frozen=True)
+class AggregatePaths:
+    folds_dir: Path  # metrics/folds: <k>/per_case.csv from each evaluate@<k>
+    models_dir: Path  # models: fold-<k>/ from each train@<k> (logged as the ensemble)
+    metrics: Path  # metrics/evaluate.json
+    per_case: Path  # metrics/per_case.csv
+    per_fold: Path  # metrics/per_fold.csv
+    report_dir: Path  # reports/benchmark: benchmark.md and benchmark.png
+
+
+def read_fold_rows(folds_dir: Path, fold: int) -> list[dict[str, Any]]:
+    """One fold's per-case rows, numbers parsed (empty cells: NaN), with the fold number."""
+    path = folds_dir / str(fold) / "per_case.csv"
+    if not path.is_file():
+        raise CovidSegError(f"{path}: missing; run evaluate for fold {fold} (dvc repro)")
+    rows = []
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            parsed: dict[str, Any] = {"case": row.pop("case"), "fold": fold}
+            parsed |= {k: float(v) if v else math.nan for k, v in row.items() if k != "fold"}
+            rows.append(parsed)
+    return rows
+
+
+def metric_keys(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The metric columns present, in a stable order (the headline first)."""
+    present = [k for k in rows[0] if k not in ("case", "fold")]
+    ordered = [k for k in METRIC_KEYS if k in present]
+    return tuple(ordered + [k for k in present if k not in ordered])
+
+
+def summary_of(rows: list[dict[str, Any]], folds: list[int]) -> dict[str, Any]:
+    """Headline means and stds at the top; counts and per-fold means nested below them."""
+    keys = metric_keys(rows)
+    overall = summarise(rows, keys)
+    out: dict[str, Any] = {"n_cases": overall["n_cases"]}
+    for key in keys:
+        out[key], out[f"{key}_std"] = overall[key], overall[f"{key}_std"]
+    out["counts"] = {key: overall[f"{key}_n"] for key in keys}
+    out["folds"] = {}
+    for fold in folds:
+        mine = summarise([r for r in rows if r["fold"] == fold], keys)
+        out["folds"][str(fold)] = {"n_cases": mine["n_cases"]} | {
+            k: mine[k] for key in keys for k in (key, f"{key}_std")
+        }
+    return out
+
+
+def csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """CSV with NaN and None as empty cells."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if _missing(row.get(k)) else row.get(k) for k in columns})
+    return buffer.getvalue()
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def published(params: Params) -> dict[str, Any] | None:
+    """The benchmark's per-fold numbers for this protocol, or None when not comparable."""
+    if params.split.scheme != "benchmark":
+        return None
+    text = (resources.files("covidseg") / "resources" / "published_task1.json").read_text()
+    table: dict[str, Any] = json.loads(text)[params.split.protocol]
+    return table
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    return "n/a" if mean is None else f"{mean:.4f} ± {std or 0:.4f}"
+
+
+def benchmark_table(summary: dict[str, Any], params: Params, multi: bool) -> str:
+    """The Task-1 style markdown table, this run beside the published numbers."""
+    ref = published(params)
+    keys = ["dice", "nsd", *(LUNG_KEYS if multi else ())]
+    head = ["fold", *(f"{k} (this run)" for k in keys)]
+    if ref:
+        head += ["DSC (published)", "NSD (published)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = [
+        (f"Fold{k}", v, (ref or {}).get("folds", {}).get(k)) for k, v in summary["folds"].items()
+    ]
+    rows.append(("Avg", summary, (ref or {}).get("avg")))
+    for name, values, pub in rows:
+        cells = [name, *(_pm(values.get(k), values.get(f"{k}_std")) for k in keys)]
+        if ref:
+            cells += [_pm(*pub["dice"]) if pub else "n/a", _pm(*pub["nsd"]) if pub else "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def benchmark_report(summary: dict[str, Any], params: Params, multi: bool) -> str:
+    """`reports/benchmark/benchmark.md`: the table, the setting and the caveats."""
+    sp = params.split
+    protocol = f"{sp.scheme}" + (f", protocol {sp.protocol}" if sp.scheme == "benchmark" else "")
+    if sp.scheme == "kfold":
+        protocol += f", {sp.n_folds} folds (seed {sp.seed})"
+    intro = (
+        f"# Cross-validation: {params.arch} / {params.encoder}, {params.prepare.image_size} px\n\n"
+        f"Split: {protocol}; folds {list(sp.folds)}; {summary['n_cases']} test cases in all "
+        f"(validation share {sp.val_fraction}).\n\n"
+    )
+    notes = "\n".join(f"- {c}" for c in CAVEATS)
+    if published(params) is None:
+        notes += "\n- No published numbers for this split: only `split.scheme: benchmark` has them."
+    return intro + benchmark_table(summary, params, multi) + "\n\nNotes:\n" + notes + "\n"
+
+
+def aggregate(params: Params, paths: AggregatePaths) -> dict[str, Any]:
+    """Put the folds together; write the headline, tables and figure; log the ensemble."""
+    folds = list(params.split.folds)
+    rows = [row for fold in folds for row in read_fold_rows(paths.folds_dir, fold)]
+    if not rows:
+        raise CovidSegError(f"{paths.folds_dir}: the folds {folds} have no test cases")
+    summary = summary_of(rows, folds)
+    multi = "left_lung_dice" in rows[0]
+    columns = ["case", "fold", *metric_keys(rows)]
+    per_fold = [{"fold": k, **v} for k, v in summary["folds"].items()]
+    with atomic_dir(paths.report_dir) as tmp:
+        (tmp / "benchmark.md").write_text(benchmark_report(summary, params, multi))
+        benchmark_figure(summary["folds"], published(params), tmp / "benchmark.png")
+    write_text_atomic(paths.per_case, csv_text(rows, columns))
+    fold_columns = ["fold", "n_cases", *(k for key in HEADLINE for k in (key, f"{key}_std"))]
+    write_text_atomic(paths.per_fold, csv_text(per_fold, fold_columns))
+    write_json_atomic(paths.metrics, summary)
+    track(params, paths, summary)
+    return summary
+
+
+def track(params: Params, paths: AggregatePaths, summary: dict[str, Any]) -> None:
+    """The parent run: headline metrics, the report, and the fold ensemble, registered."""
+    import torch
+
+    tracker = Tracker.start_parent(params)
+    flat: dict[str, float | None] = {k: v for k, v in summary.items() if isinstance(v, int | float)}
+    flat |= {f"fold{k}.{m}": v[m] for k, v in summary["folds"].items() for m in HEADLINE if m in v}
+    tracker.log_metrics(flat)
+    for path, folder in (
+        (paths.metrics, "evaluation"),
+        (paths.per_case, "evaluation"),
+        (paths.report_dir, "evaluation"),
+        (Path("params.yaml"), None),
+    ):
+        if path.exists():
+            tracker.log_artifact(path, folder)
+    if tracker.active:
+        ensemble, spec = load_ensemble(
+            paths.models_dir, torch.device("cpu"), list(params.split.folds)
+        )
+        example = np.zeros((1, 1, spec.image_size, spec.image_size), dtype=np.float32)
+        tracker.log_model(
+            ensemble,
+            example,
+            registered_name=params.tracking.registered_model,
+            alias=params.tracking.alias,
+            metadata=spec.to_json(),
+        )
+    tracker.end()
