@@ -139,6 +139,8 @@ class TrainParams(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     num_workers: Annotated[int, Field(ge=0)] = 1
     bf16: bool = True
+    compile: bool = False
+    gpu_augment: bool = True
 
 
 class EvaluateParams(_Section):

@@ -8,11 +8,13 @@ never stopped.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from covidseg.atomic import write_json_atomic, write_text_atomic
+from covidseg.augment import DrawnSlices
 from covidseg.config import Params
 from covidseg.dataset import BalancedSampler, SliceDataset
 from covidseg.errors import CovidSegError
@@ -95,7 +98,11 @@ def store_paths(data_dir: Path, cases: list[str]) -> list[Path]:
 def make_loader(
     dataset: SliceDataset, params: Params, dist_info: Dist, device: torch.device
 ) -> DataLoader:
-    """Balanced, seeded draws; one epoch is `steps_per_epoch` batches or one pass."""
+    """Balanced, seeded draws; one epoch is `steps_per_epoch` batches or one pass.
+
+    On CUDA with `train.gpu_augment`, workers only read slices and draw each slice's
+    augmentation; `train_epoch` applies it to the batch on the GPU.
+    """
     tp = params.train
     per_rank = (tp.steps_per_epoch * tp.batch_size) if tp.steps_per_epoch else len(dataset)
     per_rank = max(tp.batch_size, per_rank // dist_info.world_size)
@@ -107,6 +114,8 @@ def make_loader(
         dist_info.rank,
         dist_info.world_size,
     )
+    if device.type == "cuda" and tp.gpu_augment and dataset.augment is not None:
+        dataset = DrawnSlices(dataset, dataset.augment)  # workers read, the GPU augments
     return DataLoader(
         dataset,
         batch_size=tp.batch_size,
@@ -171,6 +180,65 @@ def load_checkpoint(path: Path, parts: dict, fp: str) -> State | None:
     return State(**payload["state"])
 
 
+class LossMeter:
+    """Sum of loss x slices; on CUDA kept on the device and read (one sync) only when shown."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.on_device = device.type == "cuda"
+        self.total: torch.Tensor | float = (
+            torch.zeros((), dtype=torch.float64, device=device) if self.on_device else 0.0
+        )
+        self.seen = 0
+
+    def add(self, loss: torch.Tensor, slices: int) -> None:
+        if self.on_device:
+            self.total.add_(loss.detach(), alpha=slices)
+        else:
+            self.total += loss.item() * slices
+        self.seen += slices
+
+    def mean(self) -> float:
+        return float(self.total) / max(self.seen, 1)
+
+
+def device_batch(
+    batch: list[torch.Tensor], loader: DataLoader, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch on `device`, augmented there when the loader only drew the parameters."""
+    image = batch[0].to(device, non_blocking=True)
+    target = batch[1].to(device, non_blocking=True)
+    if len(batch) == 3:  # (image, mask, draws) from `DrawnSlices`
+        image, target = loader.dataset.apply(image, target, batch[2])
+    if device.type == "cuda":
+        image = image.contiguous(memory_format=torch.channels_last)
+    return image, target.long()
+
+
+def _forward_loss(
+    model: torch.nn.Module,
+    loss_fn: SegmentationLoss,
+    image: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bf16: bool,
+) -> torch.Tensor:
+    """Logits of `model` and their loss, under bf16 autocast on CUDA when asked."""
+    with autocast(image.device, bf16):
+        return loss_fn(model(image), target)
+
+
+@functools.cache
+def _compiled_forward_loss(mode: str | None) -> Callable[..., torch.Tensor]:
+    return torch.compile(_forward_loss, mode=mode)
+
+
+def forward_loss(compile_: bool, device: torch.device) -> Callable[..., torch.Tensor]:
+    """`_forward_loss`, or its `torch.compile`d form (CUDA graphs on CUDA: static shapes)."""
+    if not compile_:
+        return _forward_loss
+    return _compiled_forward_loss("reduce-overhead" if device.type == "cuda" else None)
+
+
 def train_epoch(
     model: torch.nn.Module,
     loader: DataLoader,
@@ -181,25 +249,30 @@ def train_epoch(
     epoch: int,
     show: bool,
 ) -> tuple[float, int]:
-    """One pass over the sampler's draws; returns (mean loss, slices seen)."""
+    """One pass over the sampler's draws; returns (mean loss, slices seen).
+
+    On CUDA nothing waits for the GPU per step: the loss is summed on the device and read
+    when the progress bar is redrawn (at most once a second) and at the end.
+    """
     model.train()
     loader.sampler.set_epoch(epoch)
-    total, seen = 0.0, 0
+    meter, shown = LossMeter(device), 0.0
+    step = forward_loss(params.train.compile, device)
+    graphs = params.train.compile and device.type == "cuda"
     bar = tqdm(loader, desc=f"epoch {epoch}/{params.train.epochs}", unit="batch", disable=not show)
-    for image, target in bar:
-        image = image.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True).long()
-        if device.type == "cuda":
-            image = image.contiguous(memory_format=torch.channels_last)
+    for batch in bar:
+        image, target = device_batch(batch, loader, device)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, params.train.bf16):
-            loss = loss_fn(model(image), target)
+        loss = step(model, loss_fn, image, target, bf16=params.train.bf16)
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(image)
-        seen += len(image)
-        bar.set_postfix(loss=f"{total / seen:.4f}")
-    return total / max(seen, 1), seen
+        meter.add(loss, len(image))
+        if show and (not meter.on_device or time.monotonic() - shown >= 1.0):
+            bar.set_postfix(loss=f"{meter.mean():.4f}")
+            shown = time.monotonic()
+    return meter.mean(), meter.seen
 
 
 def weights_digest(model: torch.nn.Module) -> float:
