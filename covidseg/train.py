@@ -183,8 +183,8 @@ def load_checkpoint(path: Path, parts: dict, fp: str) -> State | None:
 class LossMeter:
     """Sum of loss x slices; on CUDA kept on the device and read (one sync) only when shown."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.on_device = device.type == "cuda"
+    def __init__(self, device: torch.device, *, on_device: bool | None = None) -> None:
+        self.on_device = device.type == "cuda" if on_device is None else on_device
         self.total: torch.Tensor | float = (
             torch.zeros((), dtype=torch.float64, device=device) if self.on_device else 0.0
         )

@@ -73,11 +73,17 @@ def test_loader_of_drawn_slices_augments_as_the_dataset_does(prepared) -> None:
     np.testing.assert_array_equal(target.numpy(), torch.stack([e[1] for e in expected]).long())
 
 
-def test_loss_meter_on_the_host_matches_the_per_step_sum() -> None:
-    meter = LossMeter(torch.device("cpu"))
-    for value, slices in [(0.5, 2), (0.25, 4), (1.0, 2)]:
-        meter.add(torch.tensor(value), slices)
-    assert meter.seen == 8 and meter.mean() == pytest.approx((1.0 + 1.0 + 2.0) / 8)
+def test_loss_meter_on_the_device_matches_the_per_step_host_sum() -> None:
+    cpu = torch.device("cpu")
+    host, device = LossMeter(cpu), LossMeter(cpu, on_device=True)
+    for value, slices in [(0.1, 2), (0.2, 16), (1.3, 2)]:
+        loss = torch.tensor(value, dtype=torch.float32)
+        host.add(loss, slices)
+        device.add(loss, slices)
+    assert isinstance(device.total, torch.Tensor) and device.total.dtype == torch.float64
+    assert host.seen == device.seen == 20
+    assert device.mean() == pytest.approx(host.mean(), rel=1e-12)  # a float64 sum as well
+    assert host.mean() == pytest.approx((0.2 + 3.2 + 2.6) / 20, rel=1e-6)
 
 
 def gradient(model: torch.nn.Module) -> torch.Tensor:
