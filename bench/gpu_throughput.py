@@ -256,6 +256,8 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
         "model": f"{args.arch}({args.encoder})",
         "size": args.size,
         "workers": args.workers,
+        "variant": args.variant,
+        "batches": args.batch,
         "flops_per_slice": flops_per_slice(parts["model"], args.size, args.device),
         "matmul_tflops": matmul_tflops(args.device),
     }
@@ -314,6 +316,12 @@ def markdown(results: list[dict]) -> str:
                 f"| {_num(row.get('warmup_s'))} s |"
             )
     errors = [e for r in results for row in r["rows"] for e in row.get("errors", [])]
+    for result in results:
+        done = {row["batch"] for row in result["rows"]}
+        missing = [b for b in result["head"].get("batches", []) if b not in done]
+        if missing:
+            variant = result["head"].get("variant", "?")
+            errors.append(f"{variant}: batch {missing} not measured (cut off)")
     return "\n".join(lines + [f"\nerror: {e}" for e in errors]) + "\n"
 
 
