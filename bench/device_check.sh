@@ -15,8 +15,8 @@ else
 fi
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-$(mktemp -d)}"
-EAGER_S="${EAGER_S:-180}"
-COMPILED_S="${COMPILED_S:-250}"
+EAGER_S="${EAGER_S:-170}"
+COMPILED_S="${COMPILED_S:-240}"
 bench=(python3 bench/gpu_throughput.py "${smoke[@]}")
 echo "results in $OUT"
 
