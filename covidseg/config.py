@@ -156,6 +156,9 @@ class TrainParams(_Section):
     early_stopping_patience: Annotated[int, Field(ge=1)] | None = None
     seed: int = 42
     bf16: bool = True  # bf16 autocast on CUDA: part of the recipe (it changes the weights)
+    compile: bool = False  # torch.compile the training step (CUDA graphs on CUDA)
+    gpu_augment: bool = True  # on CUDA: augment batches on the GPU, workers only read
+    max_loss_factor: Annotated[float, Field(gt=1)] | None = None  # stop an exploding run
 
 
 class EvaluateParams(_Section):

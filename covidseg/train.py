@@ -8,11 +8,14 @@ never stopped.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -24,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from covidseg.atomic import atomic_file, write_json_atomic, write_text_atomic
+from covidseg.augment import DrawnSlices
 from covidseg.checkpoint import State, load_checkpoint, save_checkpoint
 from covidseg.config import Params
 from covidseg.dataset import BalancedSampler, SliceDataset
@@ -102,7 +106,11 @@ def store_paths(data_dir: Path, cases: list[str]) -> list[Path]:
 def make_loader(
     dataset: SliceDataset, params: Params, dist_info: Dist, device: torch.device
 ) -> DataLoader:
-    """Balanced, seeded draws; one epoch is `steps_per_epoch` batches or one pass."""
+    """Balanced, seeded draws; one epoch is `steps_per_epoch` batches or one pass.
+
+    On CUDA with `train.gpu_augment`, workers only read slices and draw each slice's
+    augmentation; `train_epoch` applies it to the batch on the GPU.
+    """
     tp = params.train
     per_rank = (tp.steps_per_epoch * tp.batch_size) if tp.steps_per_epoch else len(dataset)
     per_rank = max(tp.batch_size, per_rank // dist_info.world_size)
@@ -115,8 +123,11 @@ def make_loader(
         world_size=dist_info.world_size,
     )
     workers = params.runtime.num_workers
+    source: SliceDataset | DrawnSlices = dataset
+    if device.type == "cuda" and tp.gpu_augment and dataset.augment is not None:
+        source = DrawnSlices(dataset, dataset.augment)  # workers read, the GPU augments
     return DataLoader(
-        dataset,
+        source,
         batch_size=tp.batch_size,
         sampler=sampler,
         num_workers=workers,
@@ -124,6 +135,92 @@ def make_loader(
         pin_memory=device.type == "cuda",
         drop_last=per_rank >= tp.batch_size,
     )
+
+
+class Diverged(CovidSegError):
+    """The training loss became NaN or infinite, or exploded."""
+
+
+class LossMeter:
+    """Sum of loss x slices; on CUDA kept on the device and read (one sync) only when shown.
+
+    It also notes the first step whose loss is not finite (on the device, without a sync);
+    `check` turns that into a `Diverged` error naming the epoch and the step.
+    """
+
+    def __init__(
+        self, device: torch.device, *, on_device: bool | None = None, epoch: int = 0
+    ) -> None:
+        self.on_device = device.type == "cuda" if on_device is None else on_device
+        self.total: torch.Tensor | float = (
+            torch.zeros((), dtype=torch.float64, device=device) if self.on_device else 0.0
+        )
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.seen, self.steps, self.epoch = 0, 0, epoch
+
+    def add(self, loss: torch.Tensor, slices: int) -> None:
+        self.steps += 1
+        if self.on_device:
+            assert isinstance(self.total, torch.Tensor)
+            self.total.add_(loss.detach(), alpha=slices)
+            bad = ~torch.isfinite(loss.detach()) & (self.first_bad < 0)
+            self.first_bad = torch.where(bad, self.steps, self.first_bad)
+        else:
+            value = loss.item()
+            if not math.isfinite(value) and self.first_bad < 0:
+                self.first_bad.fill_(self.steps)
+            self.total += value * slices
+        self.seen += slices
+
+    def check(self) -> None:
+        """Raise `Diverged` if a step's loss was not finite (one sync on CUDA)."""
+        step = int(self.first_bad)
+        if step >= 0:
+            raise Diverged(
+                f"training diverged: the loss became NaN or infinite at epoch {self.epoch}, "
+                f"step {step}; the best model so far is kept (lower train.lr, or check the data)"
+            )
+
+    def mean(self) -> float:
+        return float(self.total) / max(self.seen, 1)
+
+
+def device_batch(
+    batch: list[torch.Tensor], loader: DataLoader, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch on `device`, augmented there when the loader only drew the parameters."""
+    image = batch[0].to(device, non_blocking=True)
+    target = batch[1].to(device, non_blocking=True)
+    if len(batch) == 3:  # (image, mask, draws) from `DrawnSlices`
+        image, target = cast(DrawnSlices, loader.dataset).apply(image, target, batch[2])
+    if device.type == "cuda":
+        image = image.contiguous(memory_format=torch.channels_last)
+    return image, target.long()
+
+
+def _forward_loss(
+    model: torch.nn.Module,
+    loss_fn: SegmentationLoss,
+    image: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bf16: bool,
+) -> torch.Tensor:
+    """Logits of `model` and their loss, under bf16 autocast on CUDA when asked."""
+    with autocast(image.device, bf16):
+        return loss_fn(model(image), target)
+
+
+@functools.cache
+def _compiled_forward_loss(mode: str | None) -> Callable[..., torch.Tensor]:
+    return torch.compile(_forward_loss, mode=mode)
+
+
+def forward_loss(compile_: bool, device: torch.device) -> Callable[..., torch.Tensor]:
+    """`_forward_loss`, or its `torch.compile`d form (CUDA graphs on CUDA: static shapes)."""
+    if not compile_:
+        return _forward_loss
+    return _compiled_forward_loss("reduce-overhead" if device.type == "cuda" else None)
 
 
 def train_epoch(
@@ -137,25 +234,33 @@ def train_epoch(
     epoch: int,
     show: bool,
 ) -> tuple[float, int]:
-    """One pass over the sampler's draws; returns (mean loss, slices seen)."""
+    """One pass over the sampler's draws; returns (mean loss, slices seen).
+
+    On CUDA nothing waits for the GPU per step: the loss is summed on the device and read
+    when the progress bar is redrawn (at most once a second) and at the end.
+    """
     model.train()
     cast(BalancedSampler, loader.sampler).set_epoch(epoch)
-    total, seen = 0.0, 0
+    meter, shown = LossMeter(device, epoch=epoch), 0.0
+    step = forward_loss(params.train.compile, device)
+    graphs = params.train.compile and device.type == "cuda"
     bar = tqdm(loader, desc=f"epoch {epoch}/{params.train.epochs}", unit="batch", disable=not show)
-    for image, target in bar:
-        image = image.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True).long()
-        if device.type == "cuda":
-            image = image.contiguous(memory_format=torch.channels_last)
+    for batch in bar:
+        image, target = device_batch(batch, loader, device)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, params.train.bf16):
-            loss = loss_fn(model(image), target)
+        loss = step(model, loss_fn, image, target, bf16=params.train.bf16)
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(image)
-        seen += len(image)
-        bar.set_postfix(loss=f"{total / seen:.4f}")
-    return total / max(seen, 1), seen
+        meter.add(loss, len(image))
+        if not meter.on_device or time.monotonic() - shown >= 1.0:
+            meter.check()
+            if show:
+                bar.set_postfix(loss=f"{meter.mean():.4f}")
+            shown = time.monotonic()
+    meter.check()
+    return meter.mean(), meter.seen
 
 
 def weights_digest(model: torch.nn.Module) -> float:
@@ -341,6 +446,18 @@ def record_epoch(run: Run, epoch: int, train_loss: float, lr: float, *, start: f
     return stop
 
 
+def check_explosion(run: Run, epoch: int, train_loss: float) -> None:
+    """With `train.max_loss_factor`, an epoch loss that many times the lowest so far stops."""
+    factor = run.params.train.max_loss_factor
+    losses = [row["train_loss"] for row in run.state.history or []]
+    if factor is not None and losses and train_loss > factor * min(losses):
+        raise Diverged(
+            f"training diverged: the loss of epoch {epoch} ({train_loss:.4g}) is over "
+            f"train.max_loss_factor={factor:g} times the lowest so far ({min(losses):.4g}); "
+            "the best model so far is kept"
+        )
+
+
 def one_epoch(run: Run, epoch: int) -> tuple[bool, float]:
     """Train, then (main process) record; returns (stop, slices per second)."""
     start = time.perf_counter()
@@ -354,6 +471,7 @@ def one_epoch(run: Run, epoch: int) -> tuple[bool, float]:
         epoch=epoch,
         show=run.dist.main,
     )
+    check_explosion(run, epoch, train_loss)
     lr = run.parts["scheduler"].get_last_lr()[0]
     run.parts["scheduler"].step()
     speed = seen * run.dist.world_size / (time.perf_counter() - start)
