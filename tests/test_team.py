@@ -389,14 +389,14 @@ def test_strangers_are_refused_and_users_cannot_write_into_others_experiments(
 def test_push_survives_the_object_store_dying_mid_push(
     stack: TeamStack, clone_a: Path, origin: Path, tmp_path: Path
 ) -> None:
-    bulk = clone_a / "data" / "bulk"
+    bulk = clone_a / "bulk"
     bulk.mkdir(parents=True)
-    for i in range(160):
-        (bulk / f"{i:03d}.bin").write_bytes(os.urandom(256 * 1024))
-    dvc(clone_a, "add", "data/bulk")
+    for i in range(48):
+        (bulk / f"{i:03d}.bin").write_bytes(os.urandom(1024 * 1024))
+    dvc(clone_a, "add", "bulk")
     before = bucket_keys(stack)
     push = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "push", "data/bulk.dvc"],
+        [sys.executable, "-m", "dvc", "push", "bulk.dvc"],
         cwd=clone_a,
         env=team_env(stack),
         stdout=subprocess.PIPE,
@@ -405,7 +405,7 @@ def test_push_survives_the_object_store_dying_mid_push(
     )
     deadline = time.monotonic() + 120
     while push.poll() is None and time.monotonic() < deadline:
-        if len(bucket_keys(stack) - before) >= 5:  # the push is under way
+        if len(bucket_keys(stack) - before) >= 3:  # the push is under way
             break
         time.sleep(0.05)
     stack.kill("weed")
@@ -413,7 +413,9 @@ def test_push_survives_the_object_store_dying_mid_push(
     assert push.returncode != 0, f"the push finished before the store died\n{output[-2000:]}"
     assert "Traceback" not in output
     errors = [line for line in output.splitlines() if line.startswith("ERROR")]
-    assert len(errors) == 1 and "failed to push" in errors[0], output[-2000:]
+    *per_file, summary = errors  # DVC names each file it could not send, then sums up
+    assert summary.startswith("ERROR: failed to push data to the cloud"), output[-2000:]
+    assert all("Could not connect to the endpoint URL" in line for line in per_file), per_file
 
     restarted = stack.script("start")
     assert "starting the object store" in restarted.stderr
@@ -426,9 +428,9 @@ def test_push_survives_the_object_store_dying_mid_push(
 
     c = tmp_path / "c"
     run(tmp_path, "git", "clone", "-q", str(origin), str(c))
-    in_shell(c, stack, "dvc pull data/bulk.dvc")
-    assert files(c, ("data/bulk",)) == files(clone_a, ("data/bulk",))
-    assert len(files(c, ("data/bulk",))) == 160
+    in_shell(c, stack, "dvc pull bulk.dvc")
+    assert files(c, ("bulk",)) == files(clone_a, ("bulk",))
+    assert len(files(c, ("bulk",))) == 48
 
 
 def test_training_finishes_with_one_warning_when_the_tracking_server_dies(
