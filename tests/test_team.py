@@ -274,6 +274,7 @@ def screenshots_of_a_run(stack: TeamStack, experiment_id: str, run_id: str) -> N
     from test_mlflow_ui import CHROMIUM_ARGS, WAIT_MS
 
     try:
+        from playwright.sync_api import Error as PlaywrightError
         from playwright.sync_api import expect, sync_playwright
     except ImportError:
         fail_or_skip("screenshots need Playwright")
@@ -292,9 +293,12 @@ def screenshots_of_a_run(stack: TeamStack, experiment_id: str, run_id: str) -> N
         )
         try:
             stranger = browser.new_page(viewport={"width": 1400, "height": 900})
-            response = stranger.goto(f"{url}/", timeout=WAIT_MS)
-            assert response is not None and response.status == 401
+            response = stranger.request.get(f"{url}/")
+            assert response.status == 401
             assert "Basic" in (response.headers.get("www-authenticate") or "")
+            # headless Chromium has no login dialog: the page stays an authentication error
+            with pytest.raises(PlaywrightError, match="ERR_INVALID_AUTH_CREDENTIALS"):
+                stranger.goto(f"{url}/", timeout=WAIT_MS)
             stranger.screenshot(path=folder / "01-login-required.png")
             member = browser.new_context(
                 viewport={"width": 1400, "height": 1000},
