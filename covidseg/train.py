@@ -36,7 +36,7 @@ from covidseg.inference import autocast
 from covidseg.labels import LabelScheme, scheme_for
 from covidseg.losses import SegmentationLoss
 from covidseg.model import build_model, resolve_device
-from covidseg.modelio import ModelSpec, save_model
+from covidseg.modelio import ModelSpec, non_finite_count, save_model
 from covidseg.splits import load_splits
 from covidseg.store import read_arrays
 from covidseg.tracking import Tracker
@@ -415,6 +415,11 @@ def setup(params: Params, paths: TrainPaths, fold: int) -> Run:
 
 def record_epoch(run: Run, epoch: int, train_loss: float, lr: float, *, start: float) -> bool:
     """Validate, checkpoint, log; True when early stopping says stop (main process only)."""
+    if bad := non_finite_count(run.module.state_dict()):
+        raise Diverged(
+            f"training diverged: {bad} weights became NaN or infinite in epoch {epoch}; "
+            "the best model so far is kept (lower train.lr)"
+        )
     val_loss: float | None = None
     dices: dict[str, float] = {}
     if run.val_cases:

@@ -132,6 +132,60 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running(
     assert list(paths.checkpoint_dir.glob("last.pt.corrupt-*"))
 
 
+# --- divergence --------------------------------------------------------------------------------
+
+
+def test_a_diverging_training_stops_with_one_line_and_writes_no_model(
+    prepared, tmp_path: Path, tracked
+) -> None:
+    params = parse_params({**TINY, "train": {**TINY["train"], "lr": 1e8}})
+    paths = train_paths(tmp_path, prepared)
+    with pytest.raises(CovidSegError) as caught:
+        train(params, paths)
+    message = str(caught.value)
+    assert message.startswith("training diverged:") and "epoch 1" in message
+    assert "\n" not in message
+    assert not paths.model_dir.exists() and not paths.metrics.exists()
+
+
+def test_a_nan_loss_names_epoch_and_step_and_keeps_the_best_model(
+    prepared, tmp_path: Path, tracked, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from covidseg.losses import SegmentationLoss
+
+    params = parse_params(TINY)  # 2 epochs of 2 steps
+    paths = train_paths(tmp_path, prepared)
+    real_forward, calls = SegmentationLoss.forward, []
+
+    def nan_at_epoch_two_step_two(self, logits, target):
+        loss = real_forward(self, logits, target)
+        if torch.is_grad_enabled():  # a training step, not validation
+            calls.append(1)
+        return loss * float("nan") if len(calls) == 4 else loss
+
+    monkeypatch.setattr(SegmentationLoss, "forward", nan_at_epoch_two_step_two)
+    with pytest.raises(CovidSegError, match="NaN or infinite at epoch 2, step 2;"):
+        train(params, paths)
+    best = torch.load(paths.checkpoint_dir / "best.pt", weights_only=True)
+    last = torch.load(paths.checkpoint_dir / "last.pt", weights_only=True)
+    assert last["state"]["epoch"] == 1 and last["state"]["best_epoch"] == 1
+    assert all(torch.equal(best[k], last["model"][k]) for k in best)  # epoch 1's weights
+    assert not paths.model_dir.exists()
+
+
+def test_an_exploding_loss_stops_when_asked(prepared, tmp_path: Path, tracked) -> None:
+    from covidseg.checkpoint import State
+    from covidseg.train import Diverged, Run, check_explosion
+
+    params = parse_params({**TINY, "train": {**TINY["train"], "max_loss_factor": 10}})
+    run = Run.__new__(Run)
+    run.params = params
+    run.state = State(history=[{"train_loss": 0.5}, {"train_loss": 0.8}])
+    check_explosion(run, 3, 4.9)  # under 10 x 0.5
+    with pytest.raises(Diverged, match=r"epoch 3 \(5.1\) is over train\.max_loss_factor=10"):
+        check_explosion(run, 3, 5.1)
+
+
 # --- model folders ------------------------------------------------------------------------------
 
 

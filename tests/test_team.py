@@ -33,7 +33,7 @@ from team_stack import SCRIPT, TeamStack, missing_tools
 pytestmark = [pytest.mark.team, pytest.mark.slow]
 
 CLIENT_ENV = ("MLFLOW_", "AWS_", "DVC_")
-DVC_OUTPUTS = ("data/raw", "data/prepared", "data/splits.json", "models/model", "reports")
+DVC_OUTPUTS = ("data/raw", "data/prepared", "data/splits.json", "models/fold-0", "reports")
 TRACKING_WARNING = "warning: MLflow tracking failed"
 
 
@@ -216,15 +216,15 @@ def test_clone_b_pulls_identical_outputs_reproduces_nothing_and_sees_a_run(
     in_shell(b, stack, "dvc pull")
     theirs, ours = files(clone_a), files(b)
     assert any(name.startswith("data/prepared/") for name in ours)
-    assert (b / "models" / "model" / "model.pt").is_file()
+    assert (b / "models" / "fold-0" / "model.pt").is_file()
     assert ours == theirs
     # checkpoints are not DVC-cached: neither in B nor anywhere in the remote
-    checkpoint = clone_a / "models" / "checkpoints" / "last.pt"
+    checkpoint = clone_a / "models" / "checkpoints" / "fold-0" / "last.pt"
     assert checkpoint.is_file() and not (b / "models" / "checkpoints").exists()
     md5 = hashlib.md5(checkpoint.read_bytes()).hexdigest()
     keys = bucket_keys(stack)
     assert keys and not any(key.endswith(md5[2:]) for key in keys)
-    model_md5 = hashlib.md5((b / "models" / "model" / "model.pt").read_bytes()).hexdigest()
+    model_md5 = hashlib.md5((b / "models" / "fold-0" / "model.pt").read_bytes()).hexdigest()
     assert any(key.endswith(f"{model_md5[:2]}/{model_md5[2:]}") for key in keys)
 
     repro = in_shell(b, stack, "dvc repro")
@@ -236,13 +236,15 @@ def test_clone_b_pulls_identical_outputs_reproduces_nothing_and_sees_a_run(
     client = client_for(stack, monkeypatch)
     experiment = client.get_experiment_by_name("covidseg")
     assert experiment is not None
-    (a_run,) = client.search_runs([experiment.experiment_id])
-    assert a_run.info.status == "FINISHED"
+    runs = client.search_runs([experiment.experiment_id])
+    (a_run,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # the CV's parent
+    (a_fold,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == a_run.info.run_id]
+    assert a_run.info.status == a_fold.info.status == "FINISHED"
     assert a_run.data.params["encoder"] == TINY["encoder"]
     summary = json.loads((b / "metrics" / "evaluate.json").read_text())
     assert a_run.data.metrics["dice"] == pytest.approx(summary["dice"])
     version = client.get_model_version_by_alias("covidseg", "champion")
-    assert version.run_id == a_run.info.run_id
+    assert version.run_id == a_run.info.run_id  # the fold ensemble, logged to the parent
     for repo in (clone_a, b):  # nothing went to a local store
         assert not (repo / "mlflow.db").exists() and not (repo / "mlartifacts").exists()
 
@@ -264,8 +266,9 @@ def test_clone_b_pulls_identical_outputs_reproduces_nothing_and_sees_a_run(
     )
     case = scan.name.removesuffix(".nii.gz")
     assert (tmp_path / "pred" / f"{case}_seg.nii.gz").is_file(), predicted.stderr
-    report = (tmp_path / "pred" / f"{case}_report.json").read_text()
-    assert a_run.info.run_id in report
+    report = json.loads((tmp_path / "pred" / f"{case}_report.json").read_text())
+    assert report["model"]["source"] == "models:/covidseg@champion"
+    assert report["model"]["folds"] == [0]
     screenshots_of_a_run(stack, experiment.experiment_id, a_run.info.run_id)
 
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from pipeline_repo import TINY, dvc, env, make_repo, merge, run
@@ -27,9 +28,24 @@ def mlflow_runs(repo: Path) -> list:
     return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
-def read_log(repo: Path) -> list[dict[str, str]]:
-    with (repo / "metrics" / "train_log.csv").open() as f:
+def read_log(repo: Path, fold: int = 0) -> list[dict[str, str]]:
+    with (repo / "metrics" / "folds" / "logs" / f"fold-{fold}.csv").open() as f:
         return list(csv.DictReader(f))
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def set_params(repo: Path, changes: dict) -> None:
+    path = repo / "params.yaml"
+    path.write_text(
+        yaml.safe_dump(merge(yaml.safe_load(path.read_text()), changes), sort_keys=False)
+    )
+
+
+EXP_SHOW = ("--no-pager", "--only-changed", "--drop", "Created|State|Executor|folds\\.|counts\\.")
 
 
 def wait_for_queue(repo: Path, timeout: float = 900) -> str:
@@ -49,23 +65,48 @@ def repo(tmp_path: Path, mirror) -> Path:
     return make_repo(tmp_path / "repo", params)
 
 
-def test_repro_exp_run_metrics_diff_and_queue(repo: Path) -> None:
-    result = dvc(repo, "repro")
-    for stage in ("download", "prepare", "train", "evaluate"):
-        assert f"Running stage '{stage}'" in result.stdout
-    summary = json.loads((repo / "metrics" / "evaluate.json").read_text())
-    assert {"dice", "nsd", "hd95", "dice_std", "n_cases"} <= set(summary)
-    assert summary["n_cases"] == 1 and 0.0 <= summary["dice"] <= 1.0
-    header = (repo / "metrics" / "per_case.csv").read_text().splitlines()[0].split(",")
-    assert header[:4] == ["case", "dice", "nsd", "hd95"]
-    assert list((repo / "reports" / "overlays").glob("*.png"))
-    assert [int(float(r["epoch"])) for r in read_log(repo)] == [1, 2]
+THREE_FOLDS = {"split": {"folds": [0, 1, 2]}}
 
-    (first,) = mlflow_runs(repo)
-    assert first.data.params["encoder"] == "mobilenet_v2"
-    assert "dice" in first.data.metrics and "val_dice" in first.data.metrics
-    assert first.info.status == "FINISHED"
-    assert first.data.tags.get("mlflow.source.git.commit")
+
+def test_cross_validation_repro_table_folds_mlflow_and_exp_diff(repo: Path) -> None:
+    set_params(repo, THREE_FOLDS)
+    # an interrupted CV: two folds finished, then the whole pipeline
+    dvc(repo, "repro", "train@0", "train@1")
+    result = dvc(repo, "repro")
+    ran = [line for line in result.stdout.splitlines() if line.startswith("Running stage")]
+    assert "Running stage 'train@2':" in ran
+    assert not any("'train@0'" in line or "'train@1'" in line for line in ran), ran
+    for stage in ("evaluate@0", "evaluate@1", "evaluate@2", "aggregate"):
+        assert f"Running stage '{stage}':" in ran
+
+    per_case = read_csv(repo / "metrics" / "per_case.csv")
+    assert list(per_case[0])[:5] == ["case", "fold", "dice", "nsd", "hd95"]
+    cases = sorted(r["case"] for r in per_case)
+    assert len(cases) == len(set(cases)) == 3  # kfold over 3 cases: each tested exactly once
+    summary = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    dices = [float(r["dice"]) for r in per_case]
+    assert summary["n_cases"] == 3
+    assert summary["dice"] == pytest.approx(sum(dices) / 3)
+    assert summary["dice_std"] == pytest.approx(float(np.std(dices)))
+    assert sorted(summary["folds"]) == ["0", "1", "2"]
+    table = (repo / "reports" / "benchmark" / "benchmark.md").read_text()
+    for fold, values in summary["folds"].items():
+        assert float(next(r["dice"] for r in per_case if r["fold"] == fold)) == pytest.approx(
+            values["dice"]
+        )  # one case per fold: the fold's mean is that case
+        assert f"| Fold{fold} | {values['dice']:.4f} ± {values['dice_std']:.4f} |" in table
+    assert f"| Avg | {summary['dice']:.4f} ± {summary['dice_std']:.4f} |" in table
+    assert (repo / "reports" / "benchmark" / "benchmark.png").stat().st_size > 0
+    assert len(read_csv(repo / "metrics" / "per_fold.csv")) == 3
+
+    runs = mlflow_runs(repo)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["covidseg.fold"] for r in children) == ["0", "1", "2"]
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert parent.data.metrics["dice"] == pytest.approx(summary["dice"])
+    assert all("dice" in r.data.metrics and "val_dice" in r.data.metrics for r in children)
+    assert parent.data.tags.get("mlflow.source.git.commit")
 
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "baseline results")
@@ -73,17 +114,22 @@ def test_repro_exp_run_metrics_diff_and_queue(repo: Path) -> None:
     diff = json.loads(dvc(repo, "metrics", "diff", "--json").stdout)
     dice = diff["metrics/evaluate.json"]["dice"]
     assert isinstance(dice["old"], float) and isinstance(dice["new"], float)
-    assert len(mlflow_runs(repo)) == 2
+    shown = dvc(repo, "exp", "show", *EXP_SHOW).stdout
+    assert "efficientnet-b0" in shown and "dice" in shown
+    assert max(len(line) for line in shown.splitlines()) <= 160, shown  # one screen
+    assert len(mlflow_runs(repo)) == 8  # a second parent with three folds
 
+
+def test_queued_single_fold_experiments_land_in_the_real_store(repo: Path) -> None:
     dvc(repo, "exp", "run", "--queue", "-S", "train.seed=1", "-S", "train.epochs=1")
     dvc(repo, "exp", "run", "--queue", "-S", "train.seed=2", "-S", "train.epochs=1")
     dvc(repo, "queue", "start")
     status = wait_for_queue(repo)
     assert status.count("Success") == 2, status
     runs = mlflow_runs(repo)
-    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
-    queued = [r for r in runs if r.data.tags.get("dvc.exp_name")]
-    assert len(queued) >= 2
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)  # 2 x (CV + fold)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len({r.data.tags.get("dvc.exp_name") for r in parents}) == 2
     assert not list((repo / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))  # all in the real store
 
 
@@ -96,7 +142,7 @@ def test_interrupted_repro_resumes_and_matches_an_uninterrupted_run(
     params = merge(yaml.safe_load(params_path.read_text()), longer)
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     process = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro", "train"],
+        [sys.executable, "-m", "dvc", "repro", "train@0"],
         cwd=repo,
         env=env(),
         stdout=subprocess.PIPE,
@@ -104,7 +150,7 @@ def test_interrupted_repro_resumes_and_matches_an_uninterrupted_run(
         text=True,
         start_new_session=True,
     )
-    checkpoint = repo / "models" / "checkpoints" / "last.pt"
+    checkpoint = repo / "models" / "checkpoints" / "fold-0" / "last.pt"
     deadline = time.monotonic() + 600
     while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.2)
@@ -115,16 +161,16 @@ def test_interrupted_repro_resumes_and_matches_an_uninterrupted_run(
     done = len(read_log(repo))
     assert 1 <= done < 3
 
-    resumed = dvc(repo, "repro", "train")
+    resumed = dvc(repo, "repro", "train@0")
     assert f"resuming after epoch {done}" in resumed.stdout + resumed.stderr
     log = read_log(repo)
     assert [int(float(r["epoch"])) for r in log] == [1, 2, 3]
-    assert len(mlflow_runs(repo)) == 1  # the resumed training kept its MLflow run
+    assert len(mlflow_runs(repo)) == 2  # the resumed fold kept its run (and its CV parent)
 
     reference = make_repo(
         tmp_path / "reference",
         merge({**TINY, "download": {"base_url": str(mirror.dir), "sha256": mirror.sha256}}, longer),
     )
-    dvc(reference, "repro", "train")
+    dvc(reference, "repro", "train@0")
     assert [r["train_loss"] for r in read_log(reference)] == [r["train_loss"] for r in log]
     assert [r["val_dice"] for r in read_log(reference)] == [r["val_dice"] for r in log]
