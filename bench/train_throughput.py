@@ -59,7 +59,14 @@ def stage_epoch(
     """`train_epoch` as the stage calls it on the main rank (progress bar on, sent nowhere)."""
     with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
         return train_epoch(
-            parts["model"], loader, loss_fn, parts["optimizer"], DEVICE, params, epoch, True
+            parts["model"],
+            loader,
+            loss_fn,
+            parts["optimizer"],
+            device=DEVICE,
+            params=params,
+            epoch=epoch,
+            show=True,
         )
 
 

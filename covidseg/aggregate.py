@@ -31,6 +31,14 @@ from covidseg.metrics import METRIC_KEYS, summarise
 from covidseg.tracking import Tracker
 
 HEADLINE = ("dice", "nsd", "hd95")
+COLUMN_NAMES = {
+    "dice": "infection DSC",
+    "nsd": "infection NSD",
+    "left_lung_dice": "left lung DSC",
+    "left_lung_nsd": "left lung NSD",
+    "right_lung_dice": "right lung DSC",
+    "right_lung_nsd": "right lung NSD",
+}
 LUNG_KEYS = ("left_lung_dice", "left_lung_nsd", "right_lung_dice", "right_lung_nsd")
 CAVEATS = (
     "Per-case 3D Dice and NSD (3 mm for infection, 1 mm for lungs), mean ± population std over "
@@ -94,6 +102,14 @@ def summary_of(rows: list[dict[str, Any]], folds: list[int]) -> dict[str, Any]:
     return out
 
 
+def metrics_file(summary: dict[str, Any]) -> dict[str, Any]:
+    """What `metrics/evaluate.json` holds: every mean and std, the counts, and each fold's
+    headline means only (stds and the rest are in `per_fold.csv` and the report), so that
+    `dvc metrics diff` stays one screen."""
+    folds = {k: {m: v[m] for m in HEADLINE if m in v} for k, v in summary["folds"].items()}
+    return {**summary, "folds": folds}
+
+
 def csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """CSV with NaN and None as empty cells."""
     buffer = io.StringIO()
@@ -125,7 +141,7 @@ def benchmark_table(summary: dict[str, Any], params: Params, multi: bool) -> str
     """The Task-1 style markdown table, this run beside the published numbers."""
     ref = published(params)
     keys = ["dice", "nsd", *(LUNG_KEYS if multi else ())]
-    head = ["fold", *(f"{k} (this run)" for k in keys)]
+    head = ["fold", *(COLUMN_NAMES[k] for k in keys)]
     if ref:
         head += ["DSC (published)", "NSD (published)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -174,7 +190,7 @@ def aggregate(params: Params, paths: AggregatePaths) -> dict[str, Any]:
     write_text_atomic(paths.per_case, csv_text(rows, columns))
     fold_columns = ["fold", "n_cases", *(k for key in HEADLINE for k in (key, f"{key}_std"))]
     write_text_atomic(paths.per_fold, csv_text(per_fold, fold_columns))
-    write_json_atomic(paths.metrics, summary)
+    write_json_atomic(paths.metrics, metrics_file(summary))
     track(params, paths, summary)
     return summary
 
