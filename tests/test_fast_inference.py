@@ -141,11 +141,16 @@ def _train_tiny(images: np.ndarray, masks: np.ndarray, steps: int) -> torch.nn.M
     x, y = torch.from_numpy(images).float()[:, None], torch.from_numpy(masks).float()[:, None]
     rng = np.random.default_rng(0)
     model.train()
-    for _ in range(steps):
-        pick = torch.from_numpy(rng.choice(len(x), size=8))
-        optimizer.zero_grad()
-        loss_fn(model(x[pick]), y[pick]).backward()
-        optimizer.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small steps: one thread is as fast, and safe on a busy machine
+    try:
+        for _ in range(steps):
+            pick = torch.from_numpy(rng.choice(len(x), size=8))
+            optimizer.zero_grad()
+            loss_fn(model(x[pick]), y[pick]).backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
 
 
@@ -155,16 +160,19 @@ def test_fast_path_labels_agree_with_fp32_on_a_trained_model(stores) -> None:  #
     arrays = [read_arrays(p, ("image", "mask")) for p in sorted(stores[0].glob("*.h5"))]
     images = np.concatenate([a["image"] for a in arrays])
     masks = np.concatenate([a["mask"] for a in arrays]) > 0
-    model = _train_tiny(images, masks, steps=40)
+    model = _train_tiny(images, masks, steps=80)
     # the 64 px slices inside a 192 px field of air, at the same pixel scale: the crop bites
     wide = np.full((len(images), 192, 192), AIR, np.float16)
     wide[:, 64:128, 64:128] = images
-    for image in (images, wide):
+    boxes = body_boxes(wide, body_level(WINDOW), margin=3, min_size=48)
+    assert ((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2]) < 192**2).all()
+    for image, inner in ((images, slice(None)), (wide, slice(64, 128))):
         fp32 = predict_volume(model, image, CPU, options=InferenceOptions(precision="fp32"))
         fast = predict_volume(
             model, image, CPU, options=InferenceOptions(precision="bf16"), hu_window=WINDOW
         )
         ref, got = to_labels(fp32, 0.5), to_labels(fast, 0.5)
-        assert ref.sum() >= 0.8 * masks.sum()  # a real test: the model found the lungs
+        found = ref[:, inner, inner] > 0
+        assert (found == masks).mean() >= 0.99  # a real test: the model found the lungs
         assert (ref == got).mean() >= 0.995
         assert abs(int(got.sum()) - int(ref.sum())) <= 0.01 * ref.sum()
