@@ -161,18 +161,28 @@ def test_fast_path_labels_agree_with_fp32_on_a_trained_model(stores) -> None:  #
     images = np.concatenate([a["image"] for a in arrays])
     masks = np.concatenate([a["mask"] for a in arrays]) > 0
     model = _train_tiny(images, masks, steps=80)
-    # the 64 px slices inside a 192 px field of air, at the same pixel scale: the crop bites
+    fp32 = predict_volume(model, images, CPU, options=InferenceOptions(precision="fp32"))
+    ref = to_labels(fp32, 0.5)
+    assert ((ref > 0) == masks).mean() >= 0.99  # a real test: the model found the lungs
+    fast = predict_volume(
+        model, images, CPU, options=InferenceOptions(precision="bf16"), hu_window=WINDOW
+    )
+    got = to_labels(fast, 0.5)
+    assert (ref == got).mean() >= 0.995
+    assert abs(int(got.sum()) - int(ref.sum())) <= 0.01 * ref.sum()
+    # The same slices inside a 192 px field of air, at the same pixel scale: the crop bites,
+    # and the fast path gives the labels of the field the model was trained on. (The whole
+    # 192 px slice is out of this model's training distribution: it never saw that much air
+    # around the body, and fp32 on it differs from both by about 5 % of the lung volume.)
     wide = np.full((len(images), 192, 192), AIR, np.float16)
     wide[:, 64:128, 64:128] = images
     boxes = body_boxes(wide, body_level(WINDOW), margin=3, min_size=48)
     assert ((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2]) < 192**2).all()
-    for image, inner in ((images, slice(None)), (wide, slice(64, 128))):
-        fp32 = predict_volume(model, image, CPU, options=InferenceOptions(precision="fp32"))
-        fast = predict_volume(
-            model, image, CPU, options=InferenceOptions(precision="bf16"), hu_window=WINDOW
-        )
-        ref, got = to_labels(fp32, 0.5), to_labels(fast, 0.5)
-        found = ref[:, inner, inner] > 0
-        assert (found == masks).mean() >= 0.99  # a real test: the model found the lungs
-        assert (ref == got).mean() >= 0.995
-        assert abs(int(got.sum()) - int(ref.sum())) <= 0.01 * ref.sum()
+    fast = predict_volume(
+        model, wide, CPU, options=InferenceOptions(precision="bf16"), hu_window=WINDOW
+    )
+    wide_labels = to_labels(fast, 0.5)
+    assert not wide_labels[:, :64].any() and not wide_labels[:, 128:].any()
+    got = wide_labels[:, 64:128, 64:128]
+    assert (ref == got).mean() >= 0.995
+    assert abs(int(got.sum()) - int(ref.sum())) <= 0.01 * ref.sum()
