@@ -9,7 +9,7 @@ adds the bare inference of each lever alone; `--rss` measures the peak resident 
 `covidseg predict` (a child process) on one scan and on two scans in one call.
 The network is untrained: inference costs the same.
 
-Usage: .venv/bin/python bench/predict_time.py [--quick] [--variants] [--rss] [--arch A]
+Usage: .venv/bin/python bench/predict_time.py [--quick] [--variants] [--rss | --rss-only] [--arch A]
        [--encoder E] [--size S] [--batch B] [--slices N]
 """
 
@@ -54,6 +54,52 @@ def peak_rss_mib(model: Path, scans: list[Path], out: Path, batch: int) -> float
     return int(line.split()[1]) / 1024
 
 
+def timing(
+    args: argparse.Namespace,
+    folder: Path,
+    scan: Path,
+    slices: int,
+    *,
+    model: torch.nn.Module,
+    image: np.ndarray,
+) -> None:
+    """The whole command in fp32 and on the fast path, side by side (and the bare variants)."""
+    cpu = torch.device("cpu")
+    rows, results = [], {}
+    for name, precision in (("fp32 (today)", "fp32"), ("auto (fast path)", "auto")):
+        options = InferenceOptions(batch_size=args.batch, precision=precision)
+        predictor = load_predictor(str(folder / "model"), "cpu", options)
+        wall, cpu_s, _ = timed_cpu(
+            lambda p=predictor, n=precision: predict_many(p, [scan], folder / f"out_{n}")
+        )
+        results[precision] = (wall, cpu_s)
+        rows.append((f"covidseg predict, {name}", wall, cpu_s, wall / slices))
+    if args.variants:
+        variants = (
+            ("bare fp32, whole slices", "fp32", False),
+            ("bare bf16, whole slices", "bf16", False),
+            ("bare fp32, body crop", "fp32", True),
+            ("bare bf16, body crop", "bf16", True),
+        )
+        for name, precision, crop in variants:
+            options = InferenceOptions(batch_size=args.batch, precision=precision, crop=crop)
+            wall, cpu_s, _ = timed_cpu(
+                lambda o=options: predict_volume(model, image, cpu, options=o, hu_window=HU_WINDOW)
+            )
+            rows.append((name, wall, cpu_s, wall / slices))
+    print(table(("path", "wall s", "CPU s", "wall s/slice"), rows))
+    (fp32_wall, fp32_cpu), (fast_wall, fast_cpu) = results["fp32"], results["auto"]
+    print(
+        f"ratio fp32 / fast path (whole command): {fp32_wall / fast_wall:.2f}x wall, "
+        f"{fp32_cpu / fast_cpu:.2f}x CPU time"
+    )
+    if slices < 300:
+        print(
+            f"projected for 300 slices: fp32 {fp32_wall / slices * 300 / 60:.1f} min, "
+            f"fast {fast_wall / slices * 300 / 60:.1f} min (per-slice wall time x 300)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="12 slices instead of 300")
@@ -64,6 +110,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--variants", action="store_true", help="bare inference of each lever")
     parser.add_argument("--rss", action="store_true", help="peak RSS of predict, 1 vs 2 scans")
+    parser.add_argument("--rss-only", action="store_true", help="only the peak RSS, no timing")
     args = parser.parse_args()
     torch.set_num_threads(2)
     slices = args.slices or (12 if args.quick else 300)
@@ -88,42 +135,9 @@ def main() -> None:
             f"batch {args.batch}, CPU, 2 threads; auto uses bf16 here: "
             f"{uses_bf16(cpu, 'auto')}; body box: {area / args.size**2:.0%} of the slice area"
         )
-        rows, results = [], {}
-        for name, precision in (("fp32 (today)", "fp32"), ("auto (fast path)", "auto")):
-            options = InferenceOptions(batch_size=args.batch, precision=precision)
-            predictor = load_predictor(str(folder / "model"), "cpu", options)
-            wall, cpu_s, _ = timed_cpu(
-                lambda p=predictor, n=precision: predict_many(p, [scan], folder / f"out_{n}")
-            )
-            results[precision] = (wall, cpu_s)
-            rows.append((f"covidseg predict, {name}", wall, cpu_s, wall / slices))
-        if args.variants:
-            variants = (
-                ("bare fp32, whole slices", "fp32", False),
-                ("bare bf16, whole slices", "bf16", False),
-                ("bare fp32, body crop", "fp32", True),
-                ("bare bf16, body crop", "bf16", True),
-            )
-            for name, precision, crop in variants:
-                options = InferenceOptions(batch_size=args.batch, precision=precision, crop=crop)
-                wall, cpu_s, _ = timed_cpu(
-                    lambda o=options: predict_volume(
-                        model, image, cpu, options=o, hu_window=HU_WINDOW
-                    )
-                )
-                rows.append((name, wall, cpu_s, wall / slices))
-        print(table(("path", "wall s", "CPU s", "wall s/slice"), rows))
-        (fp32_wall, fp32_cpu), (fast_wall, fast_cpu) = results["fp32"], results["auto"]
-        print(
-            f"ratio fp32 / fast path (whole command): {fp32_wall / fast_wall:.2f}x wall, "
-            f"{fp32_cpu / fast_cpu:.2f}x CPU time"
-        )
-        if slices < 300:
-            print(
-                f"projected for 300 slices: fp32 {fp32_wall / slices * 300 / 60:.1f} min, "
-                f"fast {fast_wall / slices * 300 / 60:.1f} min (per-slice wall time x 300)"
-            )
-        if args.rss:
+        if not args.rss_only:
+            timing(args, folder, scan, slices, model=model, image=image)
+        if args.rss or args.rss_only:
             second = folder / "scan2" / "case_002.nii.gz"
             second.parent.mkdir()
             shutil.copy(scan, second)
