@@ -1,65 +1,153 @@
-"""Time `covidseg predict` on one 300-slice 512 x 512 scan on this machine.
+"""Time `covidseg predict` on a 300-slice 512 x 512 scan: today's fp32 path against the fast path.
 
-The whole command path (read, reorient, normalise, batched inference, resampling back to the
-scan's grid, writing the label volume, report JSON and page) against the bare model's
-inference on the same slices. The network is untrained: inference costs the same.
+Side by side in one run, on the same synthetic chest scan (a body-shaped phantom inside a round
+field of view, so the body crop of the fast path is as large as on a real chest CT): the whole
+command (read, reorient, normalise, batched inference, resampling back to the scan's grid,
+writing the label volume, report JSON and page) with `--precision fp32` and with
+`--precision auto` (bf16 where the CPU runs it natively, plus the body crop). `--variants`
+adds the bare inference of each lever alone; `--rss` measures the peak resident memory of
+`covidseg predict` (a child process) on one scan and on two scans in one call.
+The network is untrained: inference costs the same.
 
-Usage: .venv/bin/python bench/predict_time.py [--quick] [--arch A] [--encoder E] [--size S]
+Usage: .venv/bin/python bench/predict_time.py [--quick] [--variants] [--rss | --rss-only] [--arch A]
+       [--encoder E] [--size S] [--batch B] [--slices N]
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
-from _report import load_note, machine_note, table, timed
+from _report import load_note, machine_note, table, timed_cpu
 from _synth import make_phantom, window, write_nifti
 
-from covidseg.inference import InferenceOptions, predict_volume
+from covidseg.inference import InferenceOptions, predict_volume, uses_bf16
 from covidseg.model import build_model
 from covidseg.modelio import ModelSpec, save_model
 from covidseg.predict import load_predictor, predict_many
 from covidseg.resample import to_square
+from covidseg.transforms import body_boxes, body_level
+
+HU_WINDOW = (-1250.0, 250.0)
+RSS_CHILD = """
+import resource, sys
+from covidseg.cli import main
+code = main(sys.argv[1:])
+print("maxrss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+sys.exit(code)
+"""
+
+
+def peak_rss_mib(model: Path, scans: list[Path], out: Path, batch: int) -> float:
+    """Peak resident memory (MiB) of one `covidseg predict` process over `scans`."""
+    command = [sys.executable, "-c", RSS_CHILD, "predict", *map(str, scans)]
+    command += ["--model", str(model), "-o", str(out), "--device", "cpu"]
+    command += ["--batch-size", str(batch), "--precision", "auto"]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    line = next(x for x in done.stdout.splitlines() if x.startswith("maxrss_kib"))
+    return int(line.split()[1]) / 1024
+
+
+def timing(
+    args: argparse.Namespace,
+    folder: Path,
+    scan: Path,
+    slices: int,
+    *,
+    model: torch.nn.Module,
+    image: np.ndarray,
+) -> None:
+    """The whole command in fp32 and on the fast path, side by side (and the bare variants)."""
+    cpu = torch.device("cpu")
+    rows, results = [], {}
+    for name, precision in (("fp32 (today)", "fp32"), ("auto (fast path)", "auto")):
+        options = InferenceOptions(batch_size=args.batch, precision=precision)
+        predictor = load_predictor(str(folder / "model"), "cpu", options)
+        wall, cpu_s, _ = timed_cpu(
+            lambda p=predictor, n=precision: predict_many(p, [scan], folder / f"out_{n}")
+        )
+        results[precision] = (wall, cpu_s)
+        rows.append((f"covidseg predict, {name}", wall, cpu_s, wall / slices))
+    if args.variants:
+        variants = (
+            ("bare fp32, whole slices", "fp32", False),
+            ("bare bf16, whole slices", "bf16", False),
+            ("bare fp32, body crop", "fp32", True),
+            ("bare bf16, body crop", "bf16", True),
+        )
+        for name, precision, crop in variants:
+            options = InferenceOptions(batch_size=args.batch, precision=precision, crop=crop)
+            wall, cpu_s, _ = timed_cpu(
+                lambda o=options: predict_volume(model, image, cpu, options=o, hu_window=HU_WINDOW)
+            )
+            rows.append((name, wall, cpu_s, wall / slices))
+    print(table(("path", "wall s", "CPU s", "wall s/slice"), rows))
+    (fp32_wall, fp32_cpu), (fast_wall, fast_cpu) = results["fp32"], results["auto"]
+    print(
+        f"ratio fp32 / fast path (whole command): {fp32_wall / fast_wall:.2f}x wall, "
+        f"{fp32_cpu / fast_cpu:.2f}x CPU time"
+    )
+    if slices < 300:
+        print(
+            f"projected for 300 slices: fp32 {fp32_wall / slices * 300 / 60:.1f} min, "
+            f"fast {fast_wall / slices * 300 / 60:.1f} min (per-slice wall time x 300)"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="40 slices instead of 300")
+    parser.add_argument("--quick", action="store_true", help="12 slices instead of 300")
+    parser.add_argument("--slices", type=int, help="scan slices (overrides --quick)")
     parser.add_argument("--arch", default="UnetPlusPlus")
     parser.add_argument("--encoder", default="densenet201")
     parser.add_argument("--size", type=int, default=512, help="model input size")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--variants", action="store_true", help="bare inference of each lever")
+    parser.add_argument("--rss", action="store_true", help="peak RSS of predict, 1 vs 2 scans")
+    parser.add_argument("--rss-only", action="store_true", help="only the peak RSS, no timing")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    slices = 40 if args.quick else 300
+    slices = args.slices or (12 if args.quick else 300)
+    cpu = torch.device("cpu")
+    print(machine_note())
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         phantom = make_phantom(slices, 512, seed=0)
-        write_nifti(folder / "scan" / "case_001.nii.gz", phantom.hu)
+        scan = folder / "scan" / "case_001.nii.gz"
+        write_nifti(scan, phantom.hu)
+        torch.manual_seed(0)
         model = build_model(args.arch, args.encoder, None, 1)
-        spec = ModelSpec(args.arch, args.encoder, 1, "infection", args.size, (-1250.0, 250.0))
+        spec = ModelSpec(args.arch, args.encoder, 1, "infection", args.size, HU_WINDOW)
         save_model(folder / "model", model.state_dict(), spec)
-        options = InferenceOptions(batch_size=args.batch, precision="fp32")
-        predictor = load_predictor(str(folder / "model"), "cpu", options)
-        command, _ = timed(lambda: predict_many(predictor, [folder / "scan"], folder / "out"))
-        image = to_square(window(phantom.hu), args.size, labels=False)
-        bare, _ = timed(
-            lambda: predict_volume(predictor.model, image, predictor.device, options=options)
+        image = to_square(window(phantom.hu), args.size, labels=False).astype(np.float16)
+        boxes = body_boxes(
+            image, body_level(HU_WINDOW), margin=args.size // 64, min_size=args.size // 4
         )
-    print(machine_note())
+        area = float(((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).mean())
+        print(
+            f"{args.arch}({args.encoder}) at {args.size} px, {slices} slices of 512 x 512, "
+            f"batch {args.batch}, CPU, 2 threads; auto uses bf16 here: "
+            f"{uses_bf16(cpu, 'auto')}; body box: {area / args.size**2:.0%} of the slice area"
+        )
+        if not args.rss_only:
+            timing(args, folder, scan, slices, model=model, image=image)
+        if args.rss or args.rss_only:
+            second = folder / "scan2" / "case_002.nii.gz"
+            second.parent.mkdir()
+            shutil.copy(scan, second)
+            one = peak_rss_mib(folder / "model", [scan], folder / "rss1", args.batch)
+            two = peak_rss_mib(folder / "model", [scan, second], folder / "rss2", args.batch)
+            print(
+                f"peak RSS of covidseg predict --precision auto: one scan {one:.0f} MiB, "
+                f"two scans in one call {two:.0f} MiB"
+            )
     print(load_note())
-    print(
-        f"{args.arch}({args.encoder}) at {args.size} px, {slices} slices of 512 x 512, batch "
-        f"{args.batch}, CPU"
-    )
-    rows = [
-        ("covidseg predict (whole command)", f"{command:.1f}", f"{slices / command:.2f}"),
-        ("bare inference, same slices", f"{bare:.1f}", f"{slices / bare:.2f}"),
-    ]
-    print(table(("path", "seconds", "slices/s"), rows))
-    print(f"ratio command / bare inference: {command / bare:.2f}x")
 
 
 if __name__ == "__main__":

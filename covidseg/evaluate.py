@@ -122,7 +122,13 @@ def predict_stored(
     """Labels of one prepared case's stored image, through the inference path of `predict`."""
     _, rows, cols = meta.original_shape
     return segment(
-        model, image, Grid(rows, cols), scheme=spec.scheme, options=options, device=device
+        model,
+        image,
+        Grid(rows, cols),
+        scheme=spec.scheme,
+        options=options,
+        device=device,
+        hu_window=spec.recipe.hu_window,
     )
 
 

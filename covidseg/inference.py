@@ -2,12 +2,22 @@
 
 `segment` is the one inference path of `evaluate` and `predict`: the same model and scan give
 the same labels in both.
+
+Two paths, chosen by `InferenceOptions.precision`:
+- `fp32`: every slice whole, in full precision (the reference);
+- `bf16`, and `auto` where the device runs bf16 natively (CUDA; a CPU with AVX-512 BF16 or
+  AMX): bf16 autocast, and the network sees only each slice's body box (`body_boxes`: the
+  voxels above -500 HU, plus a margin, aligned to the encoder stride); outside it the answer
+  is background. `auto` on other hardware keeps full precision but still crops.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,7 +25,9 @@ from tqdm import tqdm
 
 from covidseg.config import PRECISIONS
 from covidseg.labels import LabelScheme
-from covidseg.transforms import Grid, labels_on_grid, to_labels
+from covidseg.transforms import Grid, body_boxes, body_level, labels_on_grid, to_labels
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
 
 
 @dataclass(frozen=True)
@@ -26,6 +38,11 @@ class InferenceOptions:
     tta_flip: bool = False
     threshold: float = 0.5
     precision: str = "auto"  # auto | fp32 | bf16
+    crop: bool | None = None  # run on each slice's body box; None: unless precision is fp32
+
+    def crops(self) -> bool:
+        """Whether the network sees only the body box of each slice (the fast path)."""
+        return self.precision != "fp32" if self.crop is None else self.crop
 
 
 @dataclass(frozen=True)
@@ -43,12 +60,32 @@ def autocast(device: torch.device, bf16: bool) -> AbstractContextManager[object]
     return nullcontext()
 
 
+@lru_cache(maxsize=1)
+def cpu_runs_bf16() -> bool:
+    """Whether this CPU does bf16 arithmetic natively (AVX-512 BF16 or AMX), as oneDNN uses it.
+
+    Elsewhere bf16 on a CPU is emulated and slower than fp32."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to know, stay in fp32
+        return False
+    flags = {
+        flag
+        for line in cpuinfo.splitlines()
+        if line.startswith("flags")
+        for flag in line.partition(":")[2].split()
+    }
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
 def uses_bf16(device: torch.device, precision: str) -> bool:
-    """Whether inference runs in bf16: `auto` picks it on CUDA."""
+    """Whether inference runs in bf16: `auto` picks it on CUDA and on CPUs with native bf16."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
-        return device.type == "cuda"
+        return device.type == "cuda" or (device.type == "cpu" and cpu_runs_bf16())
     return precision == "bf16"
 
 
@@ -65,6 +102,53 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
 
 
+def _boxes(image: np.ndarray, options: InferenceOptions, hu_window: tuple[float, float] | None):
+    """Each slice's box: the body box on the fast path, else the whole slice."""
+    size = image.shape[1:]
+    whole = np.tile(np.array([0, size[0], 0, size[1]], np.int64), (image.shape[0], 1))
+    if hu_window is None or not options.crops():
+        return whole
+    boxes = body_boxes(
+        image, body_level(hu_window), margin=max(min(size) // 64, 2), min_size=min(size) // 4
+    )
+    if (boxes[:, 0] == boxes[:, 1]).all():  # nothing above air anywhere: let the model decide
+        return whole
+    return boxes
+
+
+def _batches(boxes: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, tuple[int, ...]]]:
+    """(slice indices, box) of each batch: the slices of one box together, in slice order;
+    slices without a body are skipped."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, box in enumerate(boxes.tolist()):
+        if box[0] < box[1]:
+            groups.setdefault(tuple(box), []).append(index)
+    for box, indices in groups.items():
+        for start in range(0, len(indices), batch_size):
+            yield np.asarray(indices[start : start + batch_size]), box
+
+
+def _forward(
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    device: torch.device,
+    *,
+    options: InferenceOptions,
+    mirror: tuple[int, ...] | None,
+) -> torch.Tensor:
+    """(N, 1, h, w) batch -> (N, C, h, w) float32 probabilities (flip TTA averaged in)."""
+    if device.type == "cuda":
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    with inference_autocast(device, options.precision):
+        prob = probabilities(model(batch))
+        if options.tta_flip:
+            mirrored = probabilities(model(batch.flip(-1))).flip(-1)
+            if mirror is not None and mirrored.shape[1] > 1:
+                mirrored = mirrored[:, list(mirror)]
+            prob = (prob + mirrored) / 2
+    return prob.float().cpu()
+
+
 @torch.inference_mode()
 def predict_volume(
     model: torch.nn.Module,
@@ -73,31 +157,34 @@ def predict_volume(
     *,
     options: InferenceOptions,
     mirror: tuple[int, ...] | None = None,
+    hu_window: tuple[float, float] | None = None,
     progress: bool = False,
 ) -> np.ndarray:
     """(slices, H, W) image in [0, 1] -> (C, slices, H, W) float32 probabilities.
 
     `mirror` (the label scheme's left-right map) reorders the channels of the flipped pass of
-    flip TTA for a multi-label model, whose lung channels swap in a mirror.
+    flip TTA for a multi-label model, whose lung channels swap in a mirror. `hu_window` (the
+    model's recipe) places the body's outline for the crop of the fast path; without it every
+    slice is run whole.
     """
     with suppress(NotImplementedError):  # a torch.export module is already in eval mode
         model.eval()
-    out = []
-    starts = range(0, image.shape[0], options.batch_size)
-    for start in tqdm(starts, desc="slices", unit="batch", disable=not progress, leave=False):
-        batch = torch.from_numpy(np.ascontiguousarray(image[start : start + options.batch_size]))
+    boxes = _boxes(image, options, hu_window)
+    batches = list(_batches(boxes, options.batch_size))
+    out: np.ndarray | None = None
+    for indices, (r0, r1, c0, c1) in tqdm(
+        batches, desc="slices", unit="batch", disable=not progress, leave=False
+    ):
+        batch = torch.from_numpy(np.ascontiguousarray(image[indices, r0:r1, c0:c1]))
         batch = batch.to(device=device, dtype=torch.float32)[:, None]
-        if device.type == "cuda":
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with inference_autocast(device, options.precision):
-            prob = probabilities(model(batch))
-            if options.tta_flip:
-                mirrored = probabilities(model(batch.flip(-1))).flip(-1)
-                if mirror is not None and mirrored.shape[1] > 1:
-                    mirrored = mirrored[:, list(mirror)]
-                prob = (prob + mirrored) / 2
-        out.append(prob.float().cpu())
-    return torch.cat(out).permute(1, 0, 2, 3).numpy()
+        prob = _forward(model, batch, device, options=options, mirror=mirror)
+        if out is None:  # background outside the boxes: 0, or class 0 of a softmax
+            out = np.zeros((prob.shape[1], *image.shape), np.float32)
+            if prob.shape[1] > 1:
+                out[0] = 1.0
+        out[:, indices, r0:r1, c0:c1] = prob.permute(1, 0, 2, 3).numpy()
+    assert out is not None  # `_boxes` leaves at least one slice to run
+    return out
 
 
 def segment(
@@ -108,11 +195,20 @@ def segment(
     scheme: LabelScheme,
     options: InferenceOptions,
     device: torch.device,
+    hu_window: tuple[float, float] | None = None,
     progress: bool = False,
 ) -> Segmentation:
-    """Model input (slices, S, S) -> labels on the model's grid and on the scan's grid."""
+    """Model input (slices, S, S) -> labels on the model's grid and on the scan's grid.
+
+    `hu_window` is the model's (its recipe's): where the fast path's body crop starts."""
     prob = predict_volume(
-        model, image, device, options=options, mirror=scheme.mirror, progress=progress
+        model,
+        image,
+        device,
+        options=options,
+        mirror=scheme.mirror,
+        hu_window=hu_window,
+        progress=progress,
     )
     stored = to_labels(prob, options.threshold)
     return Segmentation(stored=stored, labels=labels_on_grid(prob, grid, options.threshold))

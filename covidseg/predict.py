@@ -96,6 +96,7 @@ def segment_scan(
         scheme=predictor.spec.scheme,
         options=predictor.options,
         device=predictor.device,
+        hu_window=predictor.spec.recipe.hu_window,
         progress=True,
     )
     return seg, prepared.image, volume

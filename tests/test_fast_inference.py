@@ -1,0 +1,188 @@
+"""The fast inference path (bf16 where native, body crop) against today's fp32 path.
+
+`fp32` must stay exactly the old whole-slice loop; `auto` may pick bf16 only where the hardware
+runs it natively; the crop is aligned to the encoder stride and gives background outside the
+body; and on a small trained model the fast path's labels agree with fp32's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_transforms import model_dir, stores  # noqa: F401 (fixtures)
+
+import covidseg.inference as inference
+from covidseg.evaluate import predict_stored
+from covidseg.inference import InferenceOptions, predict_volume, probabilities, uses_bf16
+from covidseg.model import build_model
+from covidseg.modelio import load_model
+from covidseg.predict import Predictor, segment_scan
+from covidseg.store import read_arrays, read_meta
+from covidseg.transforms import STRIDE, body_boxes, body_level, to_labels
+from covidseg.volumes import find_cases, read_nifti
+
+CPU = torch.device("cpu")
+WINDOW = (-1250.0, 250.0)
+AIR = (-1024 - WINDOW[0]) / (WINDOW[1] - WINDOW[0])  # ~0.15, what the phantoms' air becomes
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_picks_bf16_where_the_hardware_runs_it(monkeypatch, native: bool) -> None:
+    monkeypatch.setattr(inference, "cpu_runs_bf16", lambda: native)
+    assert uses_bf16(CPU, "auto") is native
+    assert uses_bf16(torch.device("cuda"), "auto")
+    assert uses_bf16(CPU, "bf16") and not uses_bf16(torch.device("cuda"), "fp32")
+    assert not InferenceOptions(precision="fp32").crops()
+    assert InferenceOptions(precision="auto").crops() and InferenceOptions(precision="bf16").crops()
+    assert not InferenceOptions(precision="auto", crop=False).crops()
+    with pytest.raises(ValueError, match="precision"):
+        uses_bf16(CPU, "fp16")
+
+
+def test_body_boxes_are_aligned_padded_and_clamped() -> None:
+    image = np.full((4, 256, 256), AIR, np.float32)
+    image[0, 100:140, 70:200] = 0.9  # a body in the middle
+    image[1, 0:10, 250:256] = 0.9  # at a corner: the box stays inside the slice
+    image[3, 120:121, 120:121] = 0.9  # one voxel: the box is at least min_size
+    boxes = body_boxes(image, body_level(WINDOW), margin=4, min_size=64)
+    assert boxes[0].tolist() == [96, 160, 64, 224]
+    assert boxes[1].tolist() == [0, 64, 192, 256]
+    assert boxes[2].tolist() == [0, 0, 0, 0]  # no body: nothing to run
+    assert boxes[3].tolist() == [96, 160, 96, 160]
+    assert (boxes % STRIDE == 0).all()
+    assert body_level(WINDOW) == pytest.approx(0.5)
+    assert body_level((-100.0, 200.0)) == 0.0  # a window above -500 HU: anything above its floor
+
+
+class OldLoop:
+    """Today's fp32 path, verbatim: whole slices in order, batch by batch."""
+
+    @staticmethod
+    @torch.inference_mode()
+    def run(model: torch.nn.Module, image: np.ndarray, batch_size: int) -> np.ndarray:
+        model.eval()
+        out = []
+        for start in range(0, image.shape[0], batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(image[start : start + batch_size]))
+            out.append(probabilities(model(batch.float()[:, None])).float())
+        return torch.cat(out).permute(1, 0, 2, 3).numpy()
+
+
+def test_fp32_is_todays_whole_slice_path() -> None:
+    torch.manual_seed(0)
+    model = build_model("Unet", "resnet18", None, 4)
+    image = np.full((5, 64, 64), AIR, np.float16)
+    image[:, 20:40, 24:44] = 0.9
+    options = InferenceOptions(batch_size=2, precision="fp32")
+    got = predict_volume(model, image, CPU, options=options, hu_window=WINDOW)
+    assert np.array_equal(got, OldLoop.run(model, image, 2))
+
+
+class Pointwise(torch.nn.Module):
+    """Logits from each voxel alone (a 1x1 convolution): cropping cannot change them."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, classes, 1)
+        with torch.no_grad():
+            slope = torch.tensor([20.0]) if classes == 1 else torch.linspace(-20, 20, classes)
+            self.conv.weight.copy_(slope.view(classes, 1, 1, 1))  # air: background wins
+            self.conv.bias.copy_(-slope / 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("classes", [1, 4])
+def test_crop_gives_the_whole_slice_answer_inside_and_background_outside(classes: int) -> None:
+    rng = np.random.default_rng(0)
+    image = np.full((3, 128, 128), AIR, np.float32)
+    image[0, 40:90, 30:100] = rng.uniform(0.2, 1.0, (50, 70))
+    image[2, 70:80, 10:20] = 0.9  # slice 1 stays empty: skipped, all background
+    model = Pointwise(classes)
+    whole = InferenceOptions(precision="fp32", crop=False, batch_size=2)
+    cropped = InferenceOptions(precision="fp32", crop=True, batch_size=2)
+    full = predict_volume(model, image, CPU, options=whole, hu_window=WINDOW)
+    fast = predict_volume(model, image, CPU, options=cropped, hu_window=WINDOW)
+    boxes = body_boxes(image, body_level(WINDOW), margin=2, min_size=32)
+    inside = np.zeros(image.shape, bool)
+    for z, (r0, r1, c0, c1) in enumerate(boxes):
+        inside[z, r0:r1, c0:c1] = True
+    assert 0 < inside.mean() < 0.5  # the crop did something
+    assert np.allclose(fast[:, inside], full[:, inside], atol=1e-6)
+    background = np.zeros(classes, np.float32)
+    background[0] = 0.0 if classes == 1 else 1.0
+    assert (fast[:, ~inside] == background[:, None]).all()
+    assert np.array_equal(to_labels(fast, 0.5), to_labels(full, 0.5))  # air is background
+
+
+def test_evaluate_and_predict_agree_on_the_fast_path(raw_dir: Path, stores, model_dir) -> None:  # noqa: F811
+    model, spec = load_model(model_dir, CPU)
+    options = InferenceOptions(batch_size=4, precision="bf16")
+    predictor = Predictor(model=model, spec=spec, source="m", device=CPU, options=options)
+    for files in find_cases(raw_dir):
+        store = stores[0] / f"{files.name}.h5"
+        image, meta = read_arrays(store, ("image",))["image"], read_meta(store)
+        evaluated = predict_stored(model, image, meta, spec=spec, options=options, device=CPU)
+        data, affine = read_nifti(files.image, files.name)
+        predicted, _, _ = segment_scan(predictor, data, affine, files.name)
+        assert np.array_equal(evaluated.labels, predicted.labels)
+
+
+def _train_tiny(images: np.ndarray, masks: np.ndarray, steps: int) -> torch.nn.Module:
+    """A Unet/mobilenet_v2 fitted to binary masks, enough for sure labels."""
+    torch.manual_seed(0)
+    model = build_model("Unet", "mobilenet_v2", None, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    x, y = torch.from_numpy(images).float()[:, None], torch.from_numpy(masks).float()[:, None]
+    rng = np.random.default_rng(0)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small steps: one thread is as fast, and safe on a busy machine
+    try:
+        for _ in range(steps):
+            pick = torch.from_numpy(rng.choice(len(x), size=8))
+            optimizer.zero_grad()
+            loss_fn(model(x[pick]), y[pick]).backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+def test_fast_path_labels_agree_with_fp32_on_a_trained_model(stores) -> None:  # noqa: F811
+    """The phantoms' lesions are a few dozen voxels, too few to resolve 1 %: the tiny model
+    segments the lungs with their lesions (thousands of voxels) instead."""
+    arrays = [read_arrays(p, ("image", "mask")) for p in sorted(stores[0].glob("*.h5"))]
+    images = np.concatenate([a["image"] for a in arrays])
+    masks = np.concatenate([a["mask"] for a in arrays]) > 0
+    model = _train_tiny(images, masks, steps=80)
+    fp32 = predict_volume(model, images, CPU, options=InferenceOptions(precision="fp32"))
+    ref = to_labels(fp32, 0.5)
+    assert ((ref > 0) == masks).mean() >= 0.99  # a real test: the model found the lungs
+    fast = predict_volume(
+        model, images, CPU, options=InferenceOptions(precision="bf16"), hu_window=WINDOW
+    )
+    got = to_labels(fast, 0.5)
+    assert (ref == got).mean() >= 0.995
+    assert abs(int(got.sum()) - int(ref.sum())) <= 0.01 * ref.sum()
+    # The same slices inside a 192 px field of air, at the same pixel scale: the crop bites,
+    # and the fast path gives the labels of the field the model was trained on. (The whole
+    # 192 px slice is out of this model's training distribution: it never saw that much air
+    # around the body, and fp32 on it differs from both by about 5 % of the lung volume.)
+    wide = np.full((len(images), 192, 192), AIR, np.float16)
+    wide[:, 64:128, 64:128] = images
+    boxes = body_boxes(wide, body_level(WINDOW), margin=3, min_size=48)
+    assert ((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2]) < 192**2).all()
+    fast = predict_volume(
+        model, wide, CPU, options=InferenceOptions(precision="bf16"), hu_window=WINDOW
+    )
+    wide_labels = to_labels(fast, 0.5)
+    assert not wide_labels[:, :64].any() and not wide_labels[:, 128:].any()
+    got = wide_labels[:, 64:128, 64:128]
+    assert (ref == got).mean() >= 0.995
+    assert abs(int(got.sum()) - int(ref.sum())) <= 0.01 * ref.sum()
