@@ -51,7 +51,7 @@ def test_batch_augmentation_equals_per_slice_augmentation(params, sided) -> None
     )
     for k, seed in enumerate(seeds):
         ref, ref_mask = augment_slice(
-            images[k], masks[k], params, np.random.default_rng(seed), sided
+            images[k], masks[k], params, np.random.default_rng(seed), sided=sided
         )
         np.testing.assert_allclose(out[k, 0].numpy(), ref, atol=1e-5)
         np.testing.assert_array_equal(out_mask[k].numpy(), ref_mask)
