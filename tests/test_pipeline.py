@@ -19,10 +19,13 @@ def test_dvc_repro_prepare_from_http_mirror(tmp_path: Path, http_mirror, mirror)
     result = dvc(repo, "repro", "prepare")
     assert "Running stage 'download'" in result.stdout
     assert "Running stage 'prepare'" in result.stdout
-    splits = json.loads((repo / "data" / "splits.json").read_text())
+    folds = json.loads((repo / "data" / "splits.json").read_text())
     names = sorted(case.name for case in mirror.cases)
-    assert sorted(splits["train"] + splits["val"] + splits["test"]) == names
-    assert not set(splits["test"]) & set(splits["train"] + splits["val"])
+    assert sorted(folds) == ["0", "1", "2"]  # every fold of the scheme, not only split.folds
+    for split in folds.values():
+        assert sorted(split["train"] + split["val"] + split["test"]) == names
+        assert not set(split["test"]) & set(split["train"] + split["val"])
+    assert sorted(c for split in folds.values() for c in split["test"]) == names
     for case in mirror.cases:
         with h5py.File(repo / "data" / "prepared" / f"{case.name}.h5") as f:
             assert f["image"].shape == (case.image.shape[2], 64, 64)
