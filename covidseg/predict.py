@@ -12,7 +12,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -58,7 +58,10 @@ def load_predictor(
         if not metadata:
             raise CovidSegError(f"{ref}: logged without covidseg metadata (image size, labels)")
         spec = ModelSpec.from_json(metadata, ref)
-        return Predictor(module.to(target), spec, ref, target, options)
+        # a logged model is a torch.export graph, fixed to the fp32 it was exported in
+        # (autocast cannot rewrite its dtypes); it still gets the body crop of the fast path
+        exported = replace(options, precision="fp32", crop=options.crops())
+        return Predictor(module.to(target), spec, ref, target, exported)
     folder = Path(ref)
     if is_ensemble_folder(folder):  # models/: every fold-<k> model, probabilities averaged
         ensemble, spec = load_ensemble(folder, target)

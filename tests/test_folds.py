@@ -120,3 +120,35 @@ def test_the_report_sets_each_fold_beside_the_published_numbers(tmp_path: Path) 
 def test_a_missing_fold_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(CovidSegError, match="run evaluate for fold 3"):
         read_fold_rows(tmp_path, 3)
+
+
+def test_the_logged_ensemble_predicts_through_its_mlflow_uri(
+    models: Path,
+    phantom_cases: list[PhantomCase],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from covidseg.config import Params
+    from covidseg.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    ensemble, spec = load_ensemble(models, CPU)
+    tracker = Tracker.start_parent(Params(), root=tmp_path)
+    uri = tracker.log_model(
+        ensemble,
+        np.zeros((1, 1, 64, 64), np.float32),
+        registered_name="covidseg",
+        alias="champion",
+        metadata=spec.to_json(),
+    )
+    tracker.end()
+    assert uri == "models:/covidseg@champion"
+    case = phantom_cases[0]
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(case.image), case.affine), scan)
+    logged = load_predictor(uri, "cpu", InferenceOptions())  # default precision: auto
+    report = predict_scan(logged, scan, tmp_path / "out")
+    folder = predict_scan(load_predictor(str(models), "cpu", FP32), scan, tmp_path / "folder")
+    assert report["model"]["folds"] == [0, 1] and report["model"]["source"] == uri
+    assert report["lesion_volume_ml"] == pytest.approx(folder["lesion_volume_ml"], rel=0.01)
