@@ -428,5 +428,5 @@ def benchmark_figure(
         ax.set_ylim(0.0, 1.05)
         ax.set_title(f"Infection {label} per fold", fontsize=12, fontweight="bold", loc="left")
         ax.spines[["top", "right"]].set_visible(False)
-        ax.legend(frameon=False, loc="lower left", fontsize=8)
+        ax.legend(frameon=False, loc="upper right", fontsize=8)
     return _save(fig, path)
