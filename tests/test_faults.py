@@ -358,3 +358,24 @@ def test_a_download_without_progress_gives_up_after_the_retries(
     params = DownloadParams(base_url=http_mirror.url, sha256=mirror.sha256, retries=2, backoff_s=0)
     with pytest.raises(CovidSegError, match="failed after 3 attempts without progress"):
         fetch_archives(params, cache_dir=tmp_path / "cache", raw_dir=tmp_path / "raw")
+
+
+def test_a_terminated_stage_stops_like_ctrl_c(tmp_path: Path) -> None:
+    """SIGTERM (a timeout, `dvc queue kill`) is handled as Ctrl-C: runs end as KILLED."""
+    import signal
+    import time
+
+    params = {"download": {"base_url": "http://127.0.0.1:9/x", "retries": 20, "backoff_s": 5}}
+    (tmp_path / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
+    stage = subprocess.Popen(
+        [sys.executable, str(ROOT / "stages" / "download.py"), "--cache", "c", "--out", "raw"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(4)  # inside the retry loop
+    stage.send_signal(signal.SIGTERM)
+    _, stderr = stage.communicate(timeout=60)
+    assert stage.returncode == 130
+    assert stderr.strip().splitlines()[-1] == "error: interrupted"
+    assert not (tmp_path / "raw").exists()
