@@ -392,7 +392,9 @@ def test_mlflow_model_uri_gives_the_folder_models_labels(
     scan = write_scan(tmp_path / "radiopaedia_4_85506_1.nii.gz", case.image, case.affine, (1, 1))
 
     for model_ref, out in ((str(unet_folder), "folder"), (uri, "mlflow")):
-        code = main(["predict", str(scan), "--model", model_ref, "-o", out, "--device", "cpu"])
+        # fp32 on both: a logged (exported) model always runs in fp32
+        args = ["--model", model_ref, "-o", out, "--device", "cpu", "--precision", "fp32"]
+        code = main(["predict", str(scan), *args])
         assert code == 0
 
     folder_labels = read_labels(repo / "folder" / "radiopaedia_4_85506_1_seg.nii.gz")
