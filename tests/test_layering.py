@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "covidseg"
-STAGE_MODULES = {"download", "prepare", "train", "evaluate", "predict"}
+STAGE_MODULES = {"download", "prepare", "train", "evaluate", "aggregate", "predict"}
 ENTRY_POINTS = {"cli"}  # the command line may call the stage modules
 MAX_POSITIONAL = 4
 
