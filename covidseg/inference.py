@@ -4,15 +4,16 @@
 the same labels in both.
 
 Two paths, chosen by `InferenceOptions.precision`:
-- `fp32`: every slice whole, in full precision (the reference);
-- `bf16`, and `auto` where the device runs bf16 natively (CUDA; a CPU with AVX-512 BF16 or
-  AMX): bf16 autocast, and the network sees only each slice's body box (`body_boxes`: the
-  voxels above -500 HU, plus a margin, aligned to the encoder stride); outside it the answer
-  is background. `auto` on other hardware keeps full precision but still crops.
+- `fp32`: every slice whole, in full precision, contiguous layout (the reference);
+- the fast path, `auto` and `bf16`: channels_last, and the network sees only each slice's
+  crop box (`crop_boxes`: its body box cut to the volume's chest box, aligned to the encoder
+  stride); outside it the answer is background. `bf16` autocasts to bf16; `auto` does so on
+  CUDA, and on a CPU only where bf16 measures faster than fp32 (`cpu_bf16_pays`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass
@@ -25,8 +26,18 @@ from tqdm import tqdm
 
 from covidseg.config import PRECISIONS
 from covidseg.labels import LabelScheme
-from covidseg.transforms import Grid, body_boxes, body_level, labels_on_grid, to_labels
+from covidseg.transforms import (
+    Grid,
+    body_boxes,
+    body_level,
+    chest_box,
+    labels_on_grid,
+    to_labels,
+)
 
+CHEST_MARGIN = 16  # the chest box is widened by 1/16 of the slice (32 px at 512)
+BF16_MIN_GAIN = 1.2  # `auto` takes bf16 on a CPU only where it is at least this much faster
+CALIBRATION_CALLS = 5
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
 
 
@@ -80,13 +91,48 @@ def cpu_runs_bf16() -> bool:
     return any(flag in flags for flag in BF16_CPU_FLAGS)
 
 
+def _best_time(layer: torch.nn.Module, x: torch.Tensor, bf16: bool) -> float:
+    """The fastest of a few timed calls of `layer` (after one warm-up), in bf16 or fp32."""
+    times = []
+    with torch.inference_mode(), _cpu_autocast(bf16):
+        for _ in range(1 + CALIBRATION_CALLS):
+            start = time.perf_counter()
+            layer(x)
+            times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+@lru_cache(maxsize=1)
+def cpu_bf16_pays() -> bool:
+    """Whether bf16 beats fp32 on this CPU: native bf16 arithmetic (`cpu_runs_bf16`) and, timed
+    once per process on a layer shaped like the network's, at least BF16_MIN_GAIN faster.
+
+    Native bf16 alone does not say it: on some AVX-512 BF16 machines oneDNN's bf16
+    convolutions measured slower than its fp32 ones (README, "Fast inference on a CPU")."""
+    if not cpu_runs_bf16():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    layer = torch.nn.Conv2d(128, 32, 3, padding=1).eval()  # a DenseNet layer's convolution
+    x = torch.rand(2, 128, 64, 64, generator=generator).contiguous(
+        memory_format=torch.channels_last
+    )
+    layer = layer.to(memory_format=torch.channels_last)
+    fp32, bf16 = _best_time(layer, x, bf16=False), _best_time(layer, x, bf16=True)
+    return fp32 >= BF16_MIN_GAIN * bf16
+
+
 def uses_bf16(device: torch.device, precision: str) -> bool:
-    """Whether inference runs in bf16: `auto` picks it on CUDA and on CPUs with native bf16."""
+    """Whether inference runs in bf16: `auto` picks it on CUDA and on CPUs where it pays."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
-        return device.type == "cuda" or (device.type == "cpu" and cpu_runs_bf16())
+        return device.type == "cuda" or (device.type == "cpu" and cpu_bf16_pays())
     return precision == "bf16"
+
+
+def _cpu_autocast(bf16: bool) -> AbstractContextManager[object]:
+    """CPU bf16 autocast when `bf16`, else nothing (the calibration's two paths)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def inference_autocast(device: torch.device, precision: str) -> AbstractContextManager[object]:
@@ -102,17 +148,29 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
 
 
-def _boxes(image: np.ndarray, options: InferenceOptions, hu_window: tuple[float, float] | None):
-    """Each slice's box: the body box on the fast path, else the whole slice."""
+def crop_boxes(
+    image: np.ndarray, options: InferenceOptions, hu_window: tuple[float, float] | None
+) -> np.ndarray:
+    """Each slice's box: on the fast path its body box cut to the volume's chest box
+    (`chest_box`: the lungs, widened), else the whole slice."""
     size = image.shape[1:]
     whole = np.tile(np.array([0, size[0], 0, size[1]], np.int64), (image.shape[0], 1))
     if hu_window is None or not options.crops():
         return whole
-    boxes = body_boxes(
-        image, body_level(hu_window), margin=max(min(size) // 64, 2), min_size=min(size) // 4
-    )
+    level, least = body_level(hu_window), min(size) // 4
+    boxes = body_boxes(image, level, margin=max(min(size) // 64, 2), min_size=least)
     if (boxes[:, 0] == boxes[:, 1]).all():  # nothing above air anywhere: let the model decide
         return whole
+    chest = chest_box(image, level, margin=max(min(size) // CHEST_MARGIN, 2))
+    if chest is None:  # no lungs found: the body boxes
+        return boxes
+    box = np.asarray(chest)
+    cut = np.concatenate(
+        [np.maximum(boxes[:, 0::2], box[0::2]), np.minimum(boxes[:, 1::2], box[1::2])], axis=1
+    )[:, [0, 2, 1, 3]]  # (row0, row1, col0, col1) of the overlap
+    small = (cut[:, 1] - cut[:, 0] < least) | (cut[:, 3] - cut[:, 2] < least)
+    has_body = boxes[:, 0] < boxes[:, 1]
+    boxes[has_body] = np.where(small[has_body, None], box, cut[has_body])
     return boxes
 
 
@@ -128,6 +186,13 @@ def _batches(boxes: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, t
             yield np.asarray(indices[start : start + batch_size]), box
 
 
+def _layout(device: torch.device, options: InferenceOptions) -> torch.memory_format:
+    """channels_last on CUDA and on the fast path (oneDNN's faster convolutions on a CPU);
+    the fp32 path on a CPU keeps today's contiguous layout."""
+    fast = device.type == "cuda" or options.precision != "fp32"
+    return torch.channels_last if fast else torch.contiguous_format
+
+
 def _forward(
     model: torch.nn.Module,
     batch: torch.Tensor,
@@ -137,8 +202,7 @@ def _forward(
     mirror: tuple[int, ...] | None,
 ) -> torch.Tensor:
     """(N, 1, h, w) batch -> (N, C, h, w) float32 probabilities (flip TTA averaged in)."""
-    if device.type == "cuda":
-        batch = batch.contiguous(memory_format=torch.channels_last)
+    batch = batch.contiguous(memory_format=_layout(device, options))
     with inference_autocast(device, options.precision):
         prob = probabilities(model(batch))
         if options.tta_flip:
@@ -169,7 +233,8 @@ def predict_volume(
     """
     with suppress(NotImplementedError):  # a torch.export module is already in eval mode
         model.eval()
-    boxes = _boxes(image, options, hu_window)
+    model.to(memory_format=_layout(device, options))
+    boxes = crop_boxes(image, options, hu_window)
     batches = list(_batches(boxes, options.batch_size))
     out: np.ndarray | None = None
     for indices, (r0, r1, c0, c1) in tqdm(

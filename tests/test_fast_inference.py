@@ -1,8 +1,9 @@
-"""The fast inference path (bf16 where native, body crop) against today's fp32 path.
+"""The fast inference path (crop, channels_last, bf16 where it pays) against today's fp32 path.
 
 `fp32` must stay exactly the old whole-slice loop; `auto` may pick bf16 only where the hardware
-runs it natively; the crop is aligned to the encoder stride and gives background outside the
-body; and on a small trained model the fast path's labels agree with fp32's.
+runs it natively and faster; the crop is aligned to the encoder stride, covers the lungs (also a
+lung without air, and one cut by the field of view) but not the couch, and gives background
+outside; and on a small trained model the fast path's labels agree with fp32's.
 """
 
 from __future__ import annotations
@@ -16,12 +17,19 @@ from test_transforms import model_dir, stores  # noqa: F401 (fixtures)
 
 import covidseg.inference as inference
 from covidseg.evaluate import predict_stored
-from covidseg.inference import InferenceOptions, predict_volume, probabilities, uses_bf16
+from covidseg.inference import (
+    InferenceOptions,
+    cpu_bf16_pays,
+    crop_boxes,
+    predict_volume,
+    probabilities,
+    uses_bf16,
+)
 from covidseg.model import build_model
 from covidseg.modelio import load_model
 from covidseg.predict import Predictor, segment_scan
 from covidseg.store import read_arrays, read_meta
-from covidseg.transforms import STRIDE, body_boxes, body_level, to_labels
+from covidseg.transforms import STRIDE, body_boxes, body_level, chest_box, to_labels
 from covidseg.volumes import find_cases, read_nifti
 
 CPU = torch.device("cpu")
@@ -29,10 +37,10 @@ WINDOW = (-1250.0, 250.0)
 AIR = (-1024 - WINDOW[0]) / (WINDOW[1] - WINDOW[0])  # ~0.15, what the phantoms' air becomes
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_picks_bf16_where_the_hardware_runs_it(monkeypatch, native: bool) -> None:
-    monkeypatch.setattr(inference, "cpu_runs_bf16", lambda: native)
-    assert uses_bf16(CPU, "auto") is native
+@pytest.mark.parametrize("pays", [True, False])
+def test_auto_picks_bf16_where_it_pays(monkeypatch, pays: bool) -> None:
+    monkeypatch.setattr(inference, "cpu_bf16_pays", lambda: pays)
+    assert uses_bf16(CPU, "auto") is pays
     assert uses_bf16(torch.device("cuda"), "auto")
     assert uses_bf16(CPU, "bf16") and not uses_bf16(torch.device("cuda"), "fp32")
     assert not InferenceOptions(precision="fp32").crops()
@@ -40,6 +48,81 @@ def test_auto_picks_bf16_where_the_hardware_runs_it(monkeypatch, native: bool) -
     assert not InferenceOptions(precision="auto", crop=False).crops()
     with pytest.raises(ValueError, match="precision"):
         uses_bf16(CPU, "fp16")
+
+
+@pytest.mark.parametrize(
+    ("native", "fp32_s", "bf16_s", "expected"),
+    [(False, 1.0, 0.1, False), (True, 1.0, 0.5, True), (True, 1.0, 0.9, False)],
+)
+def test_bf16_pays_only_where_native_and_measured_faster(
+    monkeypatch, native: bool, fp32_s: float, bf16_s: float, expected: bool
+) -> None:
+    calls: list[bool] = []
+
+    def timed(layer: torch.nn.Module, x: torch.Tensor, bf16: bool) -> float:
+        calls.append(bf16)
+        return bf16_s if bf16 else fp32_s
+
+    monkeypatch.setattr(inference, "cpu_runs_bf16", lambda: native)
+    monkeypatch.setattr(inference, "_best_time", timed)
+    cpu_bf16_pays.cache_clear()
+    try:
+        assert cpu_bf16_pays() is expected
+        assert sorted(calls) == ([False, True] if native else [])  # no timing without bf16
+    finally:
+        cpu_bf16_pays.cache_clear()
+
+
+TISSUE = 0.8  # about -50 HU under WINDOW
+LUNG = (-850 - WINDOW[0]) / (WINDOW[1] - WINDOW[0])
+
+
+def chest(slices: int = 4, size: int = 256, *, centre_col: int = 128) -> np.ndarray:
+    """A chest phantom: an elliptic body with two air-filled lungs, in air."""
+    rows, cols = np.mgrid[:size, :size]
+    image = np.full((slices, size, size), AIR, np.float32)
+    body = ((rows - 120) / 70) ** 2 + ((cols - centre_col) / 100) ** 2 <= 1
+    image[:, body] = TISSUE
+    for lung_col in (centre_col - 50, centre_col + 50):
+        lung = ((rows - 115) / 40) ** 2 + ((cols - lung_col) / 30) ** 2 <= 1
+        image[:, lung] = LUNG
+    return image
+
+
+def test_chest_box_covers_the_lungs_and_leaves_out_the_couch() -> None:
+    image = chest()
+    image[:, 205:207, 40:216] = TISSUE  # a thin couch with a hollow, tied to the back
+    image[:, 235:237, 40:216] = TISSUE
+    image[:, 205:237, 40:42] = image[:, 205:237, 214:216] = TISSUE
+    image[:, 188:206, 127:129] = TISSUE
+    box = chest_box(image, body_level(WINDOW), margin=16)
+    # lungs: rows 75-155, cols 48-208 (found on every other pixel), widened 16, aligned outwards;
+    # the air between the couch and the back (rows 190-205) and in the couch is left out
+    assert box == (32, 192, 32, 224)
+    assert chest_box(np.full((3, 256, 256), AIR, np.float32), body_level(WINDOW), margin=16) is None
+
+
+def test_chest_box_covers_a_lung_without_air_and_a_lung_cut_by_the_edge() -> None:
+    image = chest()
+    rows, cols = np.mgrid[:256, :256]
+    right = ((rows - 115) / 40) ** 2 + ((cols - 178) / 30) ** 2 <= 1
+    image[:, right] = TISSUE  # consolidated: only the left lung has air; its mirror covers it
+    assert chest_box(image, body_level(WINDOW), margin=16) == (32, 192, 32, 224)
+    shifted = chest(centre_col=190)  # the field of view cuts the body and the right lung
+    box = chest_box(shifted, body_level(WINDOW), margin=16)
+    assert box is not None and box[3] == 256
+
+
+def test_crop_boxes_are_the_body_boxes_cut_to_the_chest_box() -> None:
+    image = chest(slices=3)
+    image[2] = AIR  # no body: not run
+    image[1, :, :] = AIR
+    image[1, 100:140, 100:156] = TISSUE  # a small body (the neck): its own box
+    boxes = crop_boxes(image, InferenceOptions(precision="auto"), WINDOW)
+    assert boxes[0].tolist() == [32, 192, 32, 224]  # the chest box, inside the body box
+    assert boxes[1].tolist() == [96, 160, 96, 160]  # the small body's own box
+    assert boxes[2].tolist() == [0, 0, 0, 0]
+    assert (crop_boxes(image, InferenceOptions(precision="fp32"), WINDOW)[:, 1] == 256).all()
 
 
 def test_body_boxes_are_aligned_padded_and_clamped() -> None:
