@@ -2,7 +2,8 @@
 all started and stopped by `deploy/stack.sh` on loopback, exercised from two clones.
 
 Clone A runs the small pipeline against the stack and pushes; clone B pulls, gets the same
-bytes, has nothing to reproduce, and sees A's run and registered model through the server. Then:
+bytes, has nothing to reproduce, and sees A's run and registered model through the server; an
+experiment A pushes with `dvc exp push` reaches B with `dvc exp pull` and `dvc exp apply`. Then:
 authentication and permissions, the object store dying during `dvc push`, the tracking server
 dying during training, wrong credentials, and `torchrun` over two rendezvous "nodes".
 
@@ -270,6 +271,60 @@ def test_clone_b_pulls_identical_outputs_reproduces_nothing_and_sees_a_run(
     assert report["model"]["source"] == "models:/covidseg@champion"
     assert report["model"]["folds"] == [0]
     screenshots_of_a_run(stack, experiment.experiment_id, a_run.info.run_id)
+
+
+def test_an_experiment_pushed_by_a_is_pulled_and_applied_in_b_without_training(
+    stack: TeamStack, clone_a: Path, origin: Path, tmp_path: Path
+) -> None:
+    """README: `dvc exp push origin <exp>` / `dvc exp pull origin <exp>`. Runs after the
+    clone-B test: the experiment adds an MLflow run, which that test counts."""
+    name = "one-epoch"
+    outputs = (*DVC_OUTPUTS, "metrics", "params.yaml", "dvc.lock")
+    main_line = files(clone_a, outputs)
+    # a cheaper recipe (2 steps instead of 6: new weights, new metrics) under an alias of its
+    # own, so that `champion` stays the main line's model
+    in_shell(
+        clone_a,
+        stack,
+        f"dvc exp run -n {name} -S train.epochs=1 -S train.steps_per_epoch=2"
+        f" -S tracking.alias=challenger && dvc exp push origin {name}",
+    )
+    theirs = files(clone_a, outputs)
+    changed = {path for path in theirs if theirs[path] != main_line.get(path)}
+    assert {"models/fold-0/model.pt", "metrics/evaluate.json", "params.yaml"} <= changed
+    assert all(theirs[path] == main_line[path] for path in theirs if path.startswith("data/"))
+    refs = run(clone_a, "git", "ls-remote", "origin", "refs/exps/*").stdout.split()
+    assert any(ref.endswith(f"/{name}") for ref in refs), refs  # the git side, in origin
+    model_md5 = hashlib.md5((clone_a / "models" / "fold-0" / "model.pt").read_bytes()).hexdigest()
+    assert any(key.endswith(f"/{model_md5[:2]}/{model_md5[2:]}") for key in bucket_keys(stack))
+    summary = json.loads((clone_a / "metrics" / "evaluate.json").read_text())
+    # back to the main line: the experiment lives on in refs/exps and in the cache
+    run(clone_a, "git", "checkout", "--", ".")
+    dvc(clone_a, "checkout", "--force")
+    assert files(clone_a, outputs) == main_line
+
+    b = tmp_path / "b"
+    run(tmp_path, "git", "clone", "-q", str(origin), str(b))
+    assert not (b / "data").exists() and not (b / "models").exists()
+    in_shell(b, stack, f"dvc exp pull origin {name}")  # the ref from origin, outputs from S3
+    assert not (b / "models").exists()  # in the cache, not yet in the workspace
+    assert (b / ".dvc" / "cache" / "files" / "md5" / model_md5[:2] / model_md5[2:]).is_file()
+    b_env = team_env(stack)
+    listed = run_env(b, b_env, "dvc", "exp", "list", "--name-only").stdout.split()
+    assert listed == [name]
+    shown = json.loads(run_env(b, b_env, "dvc", "exp", "show", "--json").stdout)
+    (baseline,) = [row for row in shown if row["rev"] != "workspace"]
+    (exp,) = [rev for group in baseline["experiments"] for rev in group["revs"]]
+    assert exp["name"] == name
+    assert exp["data"]["params"]["params.yaml"]["data"]["train"]["epochs"] == 1
+    assert exp["data"]["metrics"]["metrics/evaluate.json"]["data"] == summary
+
+    applied = run_env(b, b_env, "dvc", "exp", "apply", name)
+    assert f"Changes for experiment '{name}' have been applied" in applied.stdout
+    assert files(b, outputs) == theirs  # every byte A's experiment produced
+    status = run_env(b, b_env, "dvc", "status")
+    assert status.stdout.strip() == "Data and pipelines are up to date.", status.stdout
+    assert not (b / "models" / "checkpoints").exists()  # nothing trained
 
 
 def screenshots_of_a_run(stack: TeamStack, experiment_id: str, run_id: str) -> None:
