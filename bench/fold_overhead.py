@@ -100,12 +100,13 @@ def main() -> None:
         "runtime": {"num_workers": 0, "device": "cpu"},
     }
     torch.set_num_threads(2)
+    note = machine_note()  # the load at the start, as it says
     with tempfile.TemporaryDirectory(prefix="bench-fold-") as tmp:
         root = Path(tmp)
         data, splits = write_data(root, args.size)
         stage = stage_fold(root, params, data, splits)
         bare = bare_fold(params, data, epochs * steps)
-    print(machine_note())
+    print(note)
     print(
         f"{args.arch}({args.encoder}) at {args.size} px, {epochs} epochs x {steps} steps, batch 8"
     )
