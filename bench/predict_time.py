@@ -3,11 +3,11 @@
 Side by side in one run, on the same synthetic chest scan (an elliptic body with two lungs
 inside a round field of view; the README compares its crop with real scans'): the whole
 command (read, reorient, normalise, batched inference, resampling back to the scan's grid,
-writing the label volume, report JSON and page) with `--precision fp32` and with
-`--precision auto` (the crop to the chest box, channels_last, and bf16 where it measures
-faster than fp32 on this CPU). `--variants` adds the bare inference of each lever alone;
-`--rss` measures the peak resident memory of `covidseg predict` (a child process) on one scan
-and on two scans in one call.
+writing the label volume, report JSON and page) with today's settings (`--precision fp32
+--batch-size 8`) and with the new defaults (`--precision auto`: channels_last, and bf16 where
+it measures faster than fp32 on this CPU; 2 slices per batch on a CPU). `--variants` adds the
+bare inference of each lever alone; `--rss` measures the peak resident memory of `covidseg
+predict` (new defaults, a child process) on one scan and on two scans in one call.
 The network is untrained: inference costs the same.
 
 Usage: .venv/bin/python bench/predict_time.py [--quick] [--variants] [--rss | --rss-only] [--arch A]
@@ -28,7 +28,13 @@ import torch
 from _report import load_note, machine_note, table, timed_cpu
 from _synth import make_phantom, window, write_nifti
 
-from covidseg.inference import InferenceOptions, crop_boxes, predict_volume, uses_bf16
+from covidseg.inference import (
+    InferenceOptions,
+    crop_boxes,
+    default_batch_size,
+    predict_volume,
+    uses_bf16,
+)
 from covidseg.model import build_model
 from covidseg.modelio import ModelSpec, save_model
 from covidseg.predict import load_predictor, predict_many
@@ -48,7 +54,7 @@ def peak_rss_mib(model: Path, scans: list[Path], out: Path, batch: int) -> float
     """Peak resident memory (MiB) of one `covidseg predict` process over `scans`."""
     command = [sys.executable, "-c", RSS_CHILD, "predict", *map(str, scans)]
     command += ["--model", str(model), "-o", str(out), "--device", "cpu"]
-    command += ["--batch-size", str(batch), "--precision", "auto"]
+    command += ["--batch-size", str(batch)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     line = next(x for x in done.stdout.splitlines() if x.startswith("maxrss_kib"))
     return int(line.split()[1]) / 1024
@@ -63,36 +69,43 @@ def timing(
     model: torch.nn.Module,
     image: np.ndarray,
 ) -> None:
-    """The whole command in fp32 and on the fast path, side by side (and the bare variants)."""
+    """The whole command with today's settings and with the new defaults, side by side (and
+    the bare inference of each lever)."""
     cpu = torch.device("cpu")
+    fast_batch = default_batch_size(cpu)
     rows, results = [], {}
-    for name, precision in (("fp32 (today)", "fp32"), ("auto (fast path)", "auto")):
-        options = InferenceOptions(batch_size=args.batch, precision=precision)
+    runs = (
+        ("fp32", f"--precision fp32 --batch-size {args.batch} (today)", "fp32", args.batch),
+        ("auto", f"defaults: --precision auto, batch {fast_batch} on a CPU", "auto", fast_batch),
+    )
+    for key, name, precision, batch in runs:
+        options = InferenceOptions(batch_size=batch, precision=precision)
         predictor = load_predictor(str(folder / "model"), "cpu", options)
         wall, cpu_s, _ = timed_cpu(
-            lambda p=predictor, n=precision: predict_many(p, [scan], folder / f"out_{n}")
+            lambda p=predictor, k=key: predict_many(p, [scan], folder / f"out_{k}")
         )
-        results[precision] = (wall, cpu_s)
+        results[key] = (wall, cpu_s)
         rows.append((f"covidseg predict, {name}", wall, cpu_s, wall / slices))
     if args.variants:
         variants = (
-            ("bare fp32, whole slices (today)", "fp32", False),
-            ("bare fp32, crop", "fp32", True),
-            ("bare auto, whole slices (+ channels_last)", "auto", False),
-            ("bare auto (crop + channels_last)", "auto", True),
-            ("bare bf16 autocast, whole slices", "bf16", False),
-            ("bare bf16 autocast, crop", "bf16", True),
+            ("fp32", args.batch, False),
+            ("fp32", fast_batch, False),
+            ("auto", args.batch, False),
+            ("auto", fast_batch, False),
+            ("bf16", fast_batch, False),
+            ("auto", fast_batch, True),
         )
-        for name, precision, crop in variants:
-            options = InferenceOptions(batch_size=args.batch, precision=precision, crop=crop)
+        for precision, batch, crop in variants:
+            options = InferenceOptions(batch_size=batch, precision=precision, crop=crop)
             wall, cpu_s, _ = timed_cpu(
                 lambda o=options: predict_volume(model, image, cpu, options=o, hu_window=HU_WINDOW)
             )
+            name = f"bare {precision}, batch {batch}" + (", body crop" if crop else "")
             rows.append((name, wall, cpu_s, wall / slices))
     print(table(("path", "wall s", "CPU s", "wall s/slice"), rows))
     (fp32_wall, fp32_cpu), (fast_wall, fast_cpu) = results["fp32"], results["auto"]
     print(
-        f"ratio fp32 / fast path (whole command): {fp32_wall / fast_wall:.2f}x wall, "
+        f"ratio today / new defaults (whole command): {fp32_wall / fast_wall:.2f}x wall, "
         f"{fp32_cpu / fast_cpu:.2f}x CPU time"
     )
     if slices < 300:
@@ -109,7 +122,7 @@ def main() -> None:
     parser.add_argument("--arch", default="UnetPlusPlus")
     parser.add_argument("--encoder", default="densenet201")
     parser.add_argument("--size", type=int, default=512, help="model input size")
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8, help="batch of today's path")
     parser.add_argument("--variants", action="store_true", help="bare inference of each lever")
     parser.add_argument("--rss", action="store_true", help="peak RSS of predict, 1 vs 2 scans")
     parser.add_argument("--rss-only", action="store_true", help="only the peak RSS, no timing")
@@ -128,12 +141,12 @@ def main() -> None:
         spec = ModelSpec(args.arch, args.encoder, 1, "infection", args.size, HU_WINDOW)
         save_model(folder / "model", model.state_dict(), spec)
         image = to_square(window(phantom.hu), args.size, labels=False).astype(np.float16)
-        boxes = crop_boxes(image, InferenceOptions(precision="auto"), HU_WINDOW)
+        boxes = crop_boxes(image, InferenceOptions(crop=True), HU_WINDOW)
         area = float(((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).mean())
         print(
             f"{args.arch}({args.encoder}) at {args.size} px, {slices} slices of 512 x 512, "
             f"batch {args.batch}, CPU, 2 threads; auto uses bf16 here: "
-            f"{uses_bf16(cpu, 'auto')}; crop boxes: {area / args.size**2:.0%} of the slice area"
+            f"{uses_bf16(cpu, 'auto')}; body boxes (--crop): {area / args.size**2:.0%} of the slice"
         )
         if not args.rss_only:
             timing(args, folder, scan, slices, model=model, image=image)
@@ -141,10 +154,11 @@ def main() -> None:
             second = folder / "scan2" / "case_002.nii.gz"
             second.parent.mkdir()
             shutil.copy(scan, second)
-            one = peak_rss_mib(folder / "model", [scan], folder / "rss1", args.batch)
-            two = peak_rss_mib(folder / "model", [scan, second], folder / "rss2", args.batch)
+            batch = default_batch_size(cpu)
+            one = peak_rss_mib(folder / "model", [scan], folder / "rss1", batch)
+            two = peak_rss_mib(folder / "model", [scan, second], folder / "rss2", batch)
             print(
-                f"peak RSS of covidseg predict --precision auto: one scan {one:.0f} MiB, "
+                f"peak RSS of covidseg predict (defaults): one scan {one:.0f} MiB, "
                 f"two scans in one call {two:.0f} MiB"
             )
     print(load_note())

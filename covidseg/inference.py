@@ -4,11 +4,13 @@
 the same labels in both.
 
 Two paths, chosen by `InferenceOptions.precision`:
-- `fp32`: every slice whole, in full precision, contiguous layout (the reference);
-- the fast path, `auto` and `bf16`: channels_last, and the network sees only each slice's
-  crop box (`crop_boxes`: its body box cut to the volume's chest box, aligned to the encoder
-  stride); outside it the answer is background. `bf16` autocasts to bf16; `auto` does so on
-  CUDA, and on a CPU only where bf16 measures faster than fp32 (`cpu_bf16_pays`).
+- `fp32`: full precision, contiguous layout (the reference);
+- the fast path, `auto` and `bf16`: channels_last (oneDNN's faster convolutions); `bf16`
+  autocasts to bf16, `auto` does so on CUDA, and on a CPU only where bf16 measures faster than
+  fp32 (`cpu_bf16_pays`).
+`InferenceOptions.crop` (off by default, any precision) runs each slice's body box only
+(`body_boxes`: the voxels above -500 HU, widened, aligned to the encoder stride), background
+outside: fewer pixels, but the network's answer moves with its field of view (README).
 """
 
 from __future__ import annotations
@@ -24,18 +26,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from covidseg.config import PRECISIONS
+from covidseg.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, PRECISIONS
 from covidseg.labels import LabelScheme
-from covidseg.transforms import (
-    Grid,
-    body_boxes,
-    body_level,
-    chest_box,
-    labels_on_grid,
-    to_labels,
-)
+from covidseg.transforms import Grid, body_boxes, body_level, labels_on_grid, to_labels
 
-CHEST_MARGIN = 16  # the chest box is widened by 1/16 of the slice (32 px at 512)
 BF16_MIN_GAIN = 1.2  # `auto` takes bf16 on a CPU only where it is at least this much faster
 CALIBRATION_CALLS = 5
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
@@ -45,15 +39,11 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf
 class InferenceOptions:
     """How to run a model on a volume (none of these change what the model is)."""
 
-    batch_size: int = 8
+    batch_size: int = GPU_BATCH_SIZE
     tta_flip: bool = False
     threshold: float = 0.5
     precision: str = "auto"  # auto | fp32 | bf16
-    crop: bool | None = None  # run on each slice's body box; None: unless precision is fp32
-
-    def crops(self) -> bool:
-        """Whether the network sees only the body box of each slice (the fast path)."""
-        return self.precision != "fp32" if self.crop is None else self.crop
+    crop: bool = False  # run on each slice's body box only (changes the answer a little)
 
 
 @dataclass(frozen=True)
@@ -151,26 +141,16 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
 def crop_boxes(
     image: np.ndarray, options: InferenceOptions, hu_window: tuple[float, float] | None
 ) -> np.ndarray:
-    """Each slice's box: on the fast path its body box cut to the volume's chest box
-    (`chest_box`: the lungs, widened), else the whole slice."""
+    """Each slice's box: its body box when the crop is on, else the whole slice."""
     size = image.shape[1:]
     whole = np.tile(np.array([0, size[0], 0, size[1]], np.int64), (image.shape[0], 1))
-    if hu_window is None or not options.crops():
+    if hu_window is None or not options.crop:
         return whole
-    level, least = body_level(hu_window), min(size) // 4
-    boxes = body_boxes(image, level, margin=max(min(size) // 64, 2), min_size=least)
+    boxes = body_boxes(
+        image, body_level(hu_window), margin=max(min(size) // 64, 2), min_size=min(size) // 4
+    )
     if (boxes[:, 0] == boxes[:, 1]).all():  # nothing above air anywhere: let the model decide
         return whole
-    chest = chest_box(image, level, margin=max(min(size) // CHEST_MARGIN, 2))
-    if chest is None:  # no lungs found: the body boxes
-        return boxes
-    box = np.asarray(chest)
-    cut = np.concatenate(
-        [np.maximum(boxes[:, 0::2], box[0::2]), np.minimum(boxes[:, 1::2], box[1::2])], axis=1
-    )[:, [0, 2, 1, 3]]  # (row0, row1, col0, col1) of the overlap
-    small = (cut[:, 1] - cut[:, 0] < least) | (cut[:, 3] - cut[:, 2] < least)
-    has_body = boxes[:, 0] < boxes[:, 1]
-    boxes[has_body] = np.where(small[has_body, None], box, cut[has_body])
     return boxes
 
 
@@ -184,6 +164,12 @@ def _batches(boxes: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, t
     for box, indices in groups.items():
         for start in range(0, len(indices), batch_size):
             yield np.asarray(indices[start : start + batch_size]), box
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Slices per forward pass when none is asked for: fewer on a CPU, where larger batches
+    measured slower per slice (README, "Fast inference")."""
+    return CPU_BATCH_SIZE if device.type == "cpu" else GPU_BATCH_SIZE
 
 
 def _layout(device: torch.device, options: InferenceOptions) -> torch.memory_format:

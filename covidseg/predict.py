@@ -59,8 +59,8 @@ def load_predictor(
             raise CovidSegError(f"{ref}: logged without covidseg metadata (image size, labels)")
         spec = ModelSpec.from_json(metadata, ref)
         # a logged model is a torch.export graph, fixed to the fp32 it was exported in
-        # (autocast cannot rewrite its dtypes); it still gets the body crop of the fast path
-        exported = replace(options, precision="fp32", crop=options.crops())
+        # (autocast cannot rewrite its dtypes)
+        exported = replace(options, precision="fp32")
         return Predictor(module.to(target), spec, ref, target, exported)
     folder = Path(ref)
     if is_ensemble_folder(folder):  # models/: every fold-<k> model, probabilities averaged

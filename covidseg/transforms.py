@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from covidseg.config import PrepareParams
 from covidseg.intensity import check_encoding, normalise
@@ -129,66 +128,3 @@ def body_boxes(image: np.ndarray, level: float, *, margin: int, min_size: int) -
     empty = boxes[:, 0] == boxes[:, 1]
     boxes[empty] = 0
     return boxes
-
-
-CHEST_GRID = 128  # the chest box is found on slices subsampled to about this size
-MIN_AIR = 1 / 256  # share of a slice that air inside the body must fill to count as lungs
-
-
-def inner_air(body: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One slice's body mask -> (air enclosed by its largest component, that component): the
-    lungs, airways and bowel gas inside the patient. The couch, a separate component once thin
-    structures are opened away, is left out with the air between it and the back."""
-    body = ndimage.binary_opening(body)  # cut thin links: a couch touching the back
-    labels, count = ndimage.label(body)
-    if count == 0:
-        return np.zeros_like(body), body
-    largest = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
-    return ndimage.binary_fill_holes(largest) & ~largest, largest
-
-
-def _extent(mask: np.ndarray, axis: int) -> tuple[int, int]:
-    """First and last index along `axis` (of a 2D mask) where `mask` holds."""
-    found = np.flatnonzero(mask.any(axis=1 - axis))
-    return int(found[0]), int(found[-1])
-
-
-def _opens(edge: np.ndarray) -> bool:
-    """Whether a slice's edge line crosses the body, then air, then the body again: the edge
-    cuts through something hollow inside the body (a lung where the field of view is tight)."""
-    found = np.flatnonzero(edge)
-    return bool(found.size) and not edge[found[0] : found[-1] + 1].all()
-
-
-def chest_box(image: np.ndarray, level: float, *, margin: int) -> tuple[int, ...] | None:
-    """(slices, S, S) model input -> one box (row0, row1, col0, col1) for the whole volume
-    around the air inside the body (the lungs), or None when there is none to speak of.
-
-    The box is the union over slices of that air, mirrored about the body's centre column (a
-    lung without air, consolidated or collapsed, still lies opposite the other one), reaching
-    the slice's edge where that edge cuts through air inside the body (a lung cut by a
-    tight field of view), widened by `margin` and aligned like `body_boxes`. It is
-    found on a subsampled copy (CHEST_GRID), rounded outwards."""
-    size = image.shape[1]
-    step = max(1, size // CHEST_GRID)
-    small = np.asarray(image[:, ::step, ::step] > level)
-    n = small.shape[1]
-    found = []  # (air, body) of the slices with lungs
-    for body in small:
-        inside, largest = inner_air(body)
-        if inside.sum() >= MIN_AIR * n * n:
-            found.append((inside, largest))
-    if not found:
-        return None
-    air = np.logical_or.reduce([inside for inside, _ in found])
-    (r0, r1), (c0, c1) = _extent(air, 0), _extent(air, 1)
-    centre = float(np.median([sum(_extent(largest, 1)) / 2 for _, largest in found]))
-    c0, c1 = min(c0, int(np.floor(2 * centre - c1))), max(c1, int(np.ceil(2 * centre - c0)))
-    cut = np.zeros(4, bool)  # air opening onto the top, bottom, left, right edge in the body
-    for _, largest in found:
-        cut |= [_opens(line) for line in (largest[0], largest[-1], largest[:, 0], largest[:, -1])]
-    edges = np.where(cut, [0, n - 1, 0, n - 1], [r0, r1, c0, c1])
-    first = np.clip(edges[::2] * step, 0, size - 1)
-    last = np.clip(edges[1::2] * step + step - 1, 0, size - 1)
-    start, stop = _aligned(first, last, size, margin=margin, min_size=size // 4)
-    return int(start[0]), int(stop[0]), int(start[1]), int(stop[1])

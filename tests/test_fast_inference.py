@@ -1,9 +1,9 @@
-"""The fast inference path (crop, channels_last, bf16 where it pays) against today's fp32 path.
+"""The fast inference path (channels_last, bf16 where it pays, the optional body crop) against
+today's fp32 path.
 
 `fp32` must stay exactly the old whole-slice loop; `auto` may pick bf16 only where the hardware
-runs it natively and faster; the crop is aligned to the encoder stride, covers the lungs (also a
-lung without air, and one cut by the field of view) but not the couch, and gives background
-outside; and on a small trained model the fast path's labels agree with fp32's.
+runs it natively and faster; the crop is aligned to the encoder stride and gives background
+outside the body; and on a small trained model the fast path's labels agree with fp32's.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from covidseg.model import build_model
 from covidseg.modelio import load_model
 from covidseg.predict import Predictor, segment_scan
 from covidseg.store import read_arrays, read_meta
-from covidseg.transforms import STRIDE, body_boxes, body_level, chest_box, to_labels
+from covidseg.transforms import STRIDE, body_boxes, body_level, to_labels
 from covidseg.volumes import find_cases, read_nifti
 
 CPU = torch.device("cpu")
@@ -43,9 +43,6 @@ def test_auto_picks_bf16_where_it_pays(monkeypatch, pays: bool) -> None:
     assert uses_bf16(CPU, "auto") is pays
     assert uses_bf16(torch.device("cuda"), "auto")
     assert uses_bf16(CPU, "bf16") and not uses_bf16(torch.device("cuda"), "fp32")
-    assert not InferenceOptions(precision="fp32").crops()
-    assert InferenceOptions(precision="auto").crops() and InferenceOptions(precision="bf16").crops()
-    assert not InferenceOptions(precision="auto", crop=False).crops()
     with pytest.raises(ValueError, match="precision"):
         uses_bf16(CPU, "fp16")
 
@@ -73,56 +70,14 @@ def test_bf16_pays_only_where_native_and_measured_faster(
         cpu_bf16_pays.cache_clear()
 
 
-TISSUE = 0.8  # about -50 HU under WINDOW
-LUNG = (-850 - WINDOW[0]) / (WINDOW[1] - WINDOW[0])
-
-
-def chest(slices: int = 4, size: int = 256, *, centre_col: int = 128) -> np.ndarray:
-    """A chest phantom: an elliptic body with two air-filled lungs, in air."""
-    rows, cols = np.mgrid[:size, :size]
-    image = np.full((slices, size, size), AIR, np.float32)
-    body = ((rows - 120) / 70) ** 2 + ((cols - centre_col) / 100) ** 2 <= 1
-    image[:, body] = TISSUE
-    for lung_col in (centre_col - 50, centre_col + 50):
-        lung = ((rows - 115) / 40) ** 2 + ((cols - lung_col) / 30) ** 2 <= 1
-        image[:, lung] = LUNG
-    return image
-
-
-def test_chest_box_covers_the_lungs_and_leaves_out_the_couch() -> None:
-    image = chest()
-    image[:, 205:207, 40:216] = TISSUE  # a thin couch with a hollow, tied to the back
-    image[:, 235:237, 40:216] = TISSUE
-    image[:, 205:237, 40:42] = image[:, 205:237, 214:216] = TISSUE
-    image[:, 188:206, 127:129] = TISSUE
-    box = chest_box(image, body_level(WINDOW), margin=16)
-    # lungs: rows 75-155, cols 48-208 (found on every other pixel), widened 16, aligned outwards;
-    # the air between the couch and the back (rows 190-205) and in the couch is left out
-    assert box == (32, 192, 32, 224)
-    assert chest_box(np.full((3, 256, 256), AIR, np.float32), body_level(WINDOW), margin=16) is None
-
-
-def test_chest_box_covers_a_lung_without_air_and_a_lung_cut_by_the_edge() -> None:
-    image = chest()
-    rows, cols = np.mgrid[:256, :256]
-    right = ((rows - 115) / 40) ** 2 + ((cols - 178) / 30) ** 2 <= 1
-    image[:, right] = TISSUE  # consolidated: only the left lung has air; its mirror covers it
-    assert chest_box(image, body_level(WINDOW), margin=16) == (32, 192, 32, 224)
-    shifted = chest(centre_col=190)  # the field of view cuts the body and the right lung
-    box = chest_box(shifted, body_level(WINDOW), margin=16)
-    assert box is not None and box[3] == 256
-
-
-def test_crop_boxes_are_the_body_boxes_cut_to_the_chest_box() -> None:
-    image = chest(slices=3)
-    image[2] = AIR  # no body: not run
-    image[1, :, :] = AIR
-    image[1, 100:140, 100:156] = TISSUE  # a small body (the neck): its own box
-    boxes = crop_boxes(image, InferenceOptions(precision="auto"), WINDOW)
-    assert boxes[0].tolist() == [32, 192, 32, 224]  # the chest box, inside the body box
-    assert boxes[1].tolist() == [96, 160, 96, 160]  # the small body's own box
-    assert boxes[2].tolist() == [0, 0, 0, 0]
-    assert (crop_boxes(image, InferenceOptions(precision="fp32"), WINDOW)[:, 1] == 256).all()
+def test_crop_boxes_are_the_body_boxes_when_asked_for() -> None:
+    image = np.full((2, 256, 256), AIR, np.float32)
+    image[0, 100:140, 70:200] = 0.9
+    on, off = InferenceOptions(crop=True), InferenceOptions(precision="bf16")
+    assert crop_boxes(image, on, WINDOW)[0].tolist() == [96, 160, 64, 224]
+    assert crop_boxes(image, on, WINDOW)[1].tolist() == [0, 0, 0, 0]  # all air: not run
+    assert (crop_boxes(image, off, WINDOW) == [0, 256, 0, 256]).all()  # off by default
+    assert (crop_boxes(image, on, None) == [0, 256, 0, 256]).all()  # no recipe: whole slices
 
 
 def test_body_boxes_are_aligned_padded_and_clamped() -> None:
@@ -204,7 +159,7 @@ def test_crop_gives_the_whole_slice_answer_inside_and_background_outside(classes
 
 def test_evaluate_and_predict_agree_on_the_fast_path(raw_dir: Path, stores, model_dir) -> None:  # noqa: F811
     model, spec = load_model(model_dir, CPU)
-    options = InferenceOptions(batch_size=4, precision="bf16")
+    options = InferenceOptions(batch_size=4, precision="bf16", crop=True)
     predictor = Predictor(model=model, spec=spec, source="m", device=CPU, options=options)
     for files in find_cases(raw_dir):
         store = stores[0] / f"{files.name}.h5"
@@ -248,7 +203,7 @@ def test_fast_path_labels_agree_with_fp32_on_a_trained_model(stores) -> None:  #
     ref = to_labels(fp32, 0.5)
     assert ((ref > 0) == masks).mean() >= 0.99  # a real test: the model found the lungs
     fast = predict_volume(
-        model, images, CPU, options=InferenceOptions(precision="bf16"), hu_window=WINDOW
+        model, images, CPU, options=InferenceOptions(precision="bf16", crop=True), hu_window=WINDOW
     )
     got = to_labels(fast, 0.5)
     assert (ref == got).mean() >= 0.995
@@ -262,7 +217,7 @@ def test_fast_path_labels_agree_with_fp32_on_a_trained_model(stores) -> None:  #
     boxes = body_boxes(wide, body_level(WINDOW), margin=3, min_size=48)
     assert ((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2]) < 192**2).all()
     fast = predict_volume(
-        model, wide, CPU, options=InferenceOptions(precision="bf16"), hu_window=WINDOW
+        model, wide, CPU, options=InferenceOptions(precision="bf16", crop=True), hu_window=WINDOW
     )
     wide_labels = to_labels(fast, 0.5)
     assert not wide_labels[:, :64].any() and not wide_labels[:, 128:].any()
