@@ -166,3 +166,14 @@ def write_case_store(
     )
     write_store(path, {"image": image, "mask": mask}, meta, compression)
     return image, mask
+
+
+def build_stores(root: Path, size: int, *, cases: int, slices: int) -> list[Path]:
+    """`cases` phantom stores of `slices` slices at `size` px (float16, gzip), as `prepare`
+    writes them."""
+    paths = []
+    for case in range(cases):
+        path = root / f"case_{case}.h5"
+        write_case_store(path, make_phantom(slices, size, seed=case), size)
+        paths.append(path)
+    return paths

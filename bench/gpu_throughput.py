@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _synth import make_phantom, write_case_store
+from _synth import build_stores
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -75,16 +75,6 @@ def make_params(
         train=train,
         runtime=RuntimeParams(num_workers=workers),
     )
-
-
-def build_stores(root: Path, size: int) -> list[Path]:
-    """`CASES` phantom stores at `size` px (float16, gzip), as `prepare` writes them."""
-    paths = []
-    for case in range(CASES):
-        path = root / f"case_{case}.h5"
-        write_case_store(path, make_phantom(SLICES, size, seed=case), size)
-        paths.append(path)
-    return paths
 
 
 def loader_speed(loader: DataLoader, seconds: float) -> float:
@@ -247,7 +237,8 @@ def batch_row(args: argparse.Namespace, dataset: SliceDataset, parts: dict, batc
 def measure(args: argparse.Namespace, root: Path) -> dict:
     """The header facts and one row per batch size."""
     seed_everything(0)
-    dataset = SliceDataset(build_stores(root, args.size), Params().train.augment)
+    stores = build_stores(root, args.size, cases=CASES, slices=SLICES)
+    dataset = SliceDataset(stores, Params().train.augment)
     parts = build_parts(make_params(args, args.batch[0], workers=args.workers), 1, args.device)
     name = torch.cuda.get_device_name() if args.device.type == "cuda" else "cpu"
     head = {

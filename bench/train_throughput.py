@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from _report import load_note, machine_note, median, spread, table, timed, verdict
-from _synth import make_phantom, write_case_store
+from _synth import build_stores
 from torch.utils.data import DataLoader
 
 from covidseg.config import Params, PrepareParams, RuntimeParams, TrainParams
@@ -41,16 +41,6 @@ def make_params(args: argparse.Namespace) -> Params:
     return Params(
         arch=args.arch, encoder=args.encoder, prepare=prepare, train=train, runtime=runtime
     )
-
-
-def build_stores(root: Path, size: int) -> list[Path]:
-    """`CASES` phantom stores at `size` px (float16, gzip), as `prepare` writes them."""
-    paths = []
-    for case in range(CASES):
-        path = root / f"case_{case}.h5"
-        write_case_store(path, make_phantom(SLICES, size, seed=case), size)
-        paths.append(path)
-    return paths
 
 
 def stage_epoch(
@@ -86,7 +76,8 @@ def run(args: argparse.Namespace, root: Path) -> tuple[list[float], list[float],
     """(stage slices/s per repeat, bare slices/s per repeat, stage warm-up seconds)."""
     params = make_params(args)
     seed_everything(params.train.seed)
-    dataset = SliceDataset(build_stores(root, args.size), params.train.augment)
+    stores = build_stores(root, args.size, cases=CASES, slices=SLICES)
+    dataset = SliceDataset(stores, params.train.augment)
     loader = make_loader(dataset, params, Dist(), DEVICE)
     parts = build_parts(params, 1, DEVICE)
     loss_fn = SegmentationLoss(params.train.loss, 1)
