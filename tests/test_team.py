@@ -495,6 +495,17 @@ def test_push_survives_the_object_store_dying_mid_push(
     assert len(files(c, ("bulk",))) == 48
 
 
+def train_stage(prepared: tuple[Path, Path], out: Path, params: Path) -> list[str]:
+    """`stages/train.py` and its arguments: outputs under `out`, the epoch log `out/log.csv`."""
+    return [
+        str(ROOT / "stages" / "train.py"),
+        *("--data", str(prepared[0]), "--splits", str(prepared[1])),
+        *("--model", str(out / "model"), "--checkpoints", str(out / "ckpt")),
+        *("--metrics", str(out / "train.json"), "--epoch-log", str(out / "log.csv")),
+        *("--params", str(params)),
+    ]
+
+
 def test_training_finishes_with_one_warning_when_the_tracking_server_dies(
     stack: TeamStack, prepared: tuple[Path, Path], tmp_path: Path, monkeypatch
 ) -> None:
@@ -502,24 +513,7 @@ def test_training_finishes_with_one_warning_when_the_tracking_server_dies(
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "out"
     log = out / "log.csv"
-    command = [
-        sys.executable,
-        str(ROOT / "stages" / "train.py"),
-        "--data",
-        str(prepared[0]),
-        "--splits",
-        str(prepared[1]),
-        "--model",
-        str(out / "model"),
-        "--checkpoints",
-        str(out / "ckpt"),
-        "--metrics",
-        str(out / "train.json"),
-        "--epoch-log",
-        str(log),
-        "--params",
-        str(tmp_path / "params.yaml"),
-    ]
+    command = [sys.executable, *train_stage(prepared, out, tmp_path / "params.yaml")]
     environ = team_env(stack, PYTHONPATH=str(ROOT))
     training = subprocess.Popen(
         command,
@@ -577,21 +571,7 @@ def test_torchrun_on_two_rendezvous_nodes_keeps_ranks_in_sync(
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={endpoint}",
             "--rdzv-id=covidseg-test",
-            str(ROOT / "stages" / "train.py"),
-            "--data",
-            str(prepared[0]),
-            "--splits",
-            str(prepared[1]),
-            "--model",
-            str(out / "model"),
-            "--checkpoints",
-            str(out / "ckpt"),
-            "--metrics",
-            str(out / "train.json"),
-            "--epoch-log",
-            str(out / "log.csv"),
-            "--params",
-            str(tmp_path / "params.yaml"),
+            *train_stage(prepared, out, tmp_path / "params.yaml"),
         ]
         environ = {
             "PATH": "/usr/bin:/bin",
