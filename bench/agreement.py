@@ -8,7 +8,7 @@ reference mask is given, the Dice of each against it. The goal: at least 99.5 % 
 and the lesion volume within 1 %.
 
 Usage: .venv/bin/python bench/agreement.py --model models/fold-0 --scans DIR [--masks DIR]
-       [--crop] [--batch B]   (DIR: NIfTI files; masks under the same names)
+       [--crop] [--batch B]   (DIR: NIfTI files; infection masks under the same names)
 """
 
 from __future__ import annotations
@@ -27,16 +27,13 @@ from covidseg.validation import dice
 from covidseg.volumes import read_nifti, reorient
 
 
-def infection(labels: np.ndarray, value: int) -> np.ndarray:
-    """The infection voxels of a label volume."""
-    return labels == value
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, help="a model folder or models/ (ensemble)")
     parser.add_argument("--scans", type=Path, required=True)
-    parser.add_argument("--masks", type=Path, help="reference infection masks, same names")
+    parser.add_argument(
+        "--masks", type=Path, help="reference infection-only masks (any value > 0), same names"
+    )
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--crop", action="store_true", help="the fast path with the body crop")
     args = parser.parse_args()
@@ -70,8 +67,8 @@ def main() -> None:
         area = ((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).sum()
         (ref, ref_s), (fast, fast_s) = results["fp32"], results["auto"]
         voxel_ml = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000
-        ref_ml = infection(ref, value).sum() * voxel_ml
-        fast_ml = infection(fast, value).sum() * voxel_ml
+        ref_ml = (ref == value).sum() * voxel_ml
+        fast_ml = (fast == value).sum() * voxel_ml
         row = [
             name,
             f"{(ref == fast).mean():.4%}",
@@ -82,7 +79,7 @@ def main() -> None:
         if args.masks:
             mask_data, mask_affine = read_nifti(args.masks / scan.name, name)
             truth = reorient(mask_data, mask_affine).data > 0
-            scores = [dice(infection(labels, value), truth) for labels in (ref, fast)]
+            scores = [dice(labels == value, truth) for labels in (ref, fast)]
             row.append(f"{scores[0]:.4f} / {scores[1]:.4f}")
         rows.append(tuple(row))
     header = ["case", "voxels equal", "lesion ml, fp32 / fast", "pixels run", "wall s fp32 / fast"]

@@ -168,7 +168,7 @@ class EvaluateParams(_Section):
     nsd_tolerance_mm: PositiveFloat = 3.0
     lung_nsd_tolerance_mm: PositiveFloat = 1.0
     tta_flip: bool = False
-    precision: Precision = "auto"
+    precision: Precision = "fp32"  # metrics that do not depend on a timing (README)
 
 
 class RuntimeParams(_Section):

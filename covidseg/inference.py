@@ -4,7 +4,7 @@
 the same labels in both.
 
 Two paths, chosen by `InferenceOptions.precision`:
-- `fp32`: full precision, contiguous layout (the reference);
+- `fp32`: full precision, on a CPU in the contiguous layout (the reference);
 - the fast path, `auto` and `bf16`: channels_last (oneDNN's faster convolutions); `bf16`
   autocasts to bf16, `auto` does so on CUDA, and on a CPU only where bf16 measures faster than
   fp32 (`cpu_bf16_pays`).
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, nullcontext, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -98,14 +98,13 @@ def cpu_bf16_pays() -> bool:
     once per process on a layer shaped like the network's, at least BF16_MIN_GAIN faster.
 
     Native bf16 alone does not say it: on some AVX-512 BF16 machines oneDNN's bf16
-    convolutions measured slower than its fp32 ones (README, "Fast inference on a CPU")."""
+    convolutions measured slower than its fp32 ones (README, "Fast inference")."""
     if not cpu_runs_bf16():
         return False
-    generator = torch.Generator().manual_seed(0)
-    layer = torch.nn.Conv2d(128, 32, 3, padding=1).eval()  # a DenseNet layer's convolution
-    x = torch.rand(2, 128, 64, 64, generator=generator).contiguous(
-        memory_format=torch.channels_last
-    )
+    with torch.random.fork_rng(devices=[]):  # the layer's initialisation leaves no trace
+        torch.manual_seed(0)
+        layer = torch.nn.Conv2d(128, 32, 3, padding=1).eval()  # a DenseNet layer's convolution
+        x = torch.rand(2, 128, 64, 64).contiguous(memory_format=torch.channels_last)
     layer = layer.to(memory_format=torch.channels_last)
     fp32, bf16 = _best_time(layer, x, bf16=False), _best_time(layer, x, bf16=True)
     return fp32 >= BF16_MIN_GAIN * bf16
@@ -173,10 +172,24 @@ def default_batch_size(device: torch.device) -> int:
 
 
 def _layout(device: torch.device, options: InferenceOptions) -> torch.memory_format:
-    """channels_last on CUDA and on the fast path (oneDNN's faster convolutions on a CPU);
-    the fp32 path on a CPU keeps today's contiguous layout."""
-    fast = device.type == "cuda" or options.precision != "fp32"
+    """channels_last on CUDA and on a CPU's fast path (oneDNN's faster convolutions); the
+    fp32 path on a CPU (and MPS) keeps the contiguous layout of earlier versions."""
+    fast = device.type == "cuda" or (device.type == "cpu" and options.precision != "fp32")
     return torch.channels_last if fast else torch.contiguous_format
+
+
+@contextmanager
+def _laid_out(model: torch.nn.Module, layout: torch.memory_format) -> Iterator[None]:
+    """The model's weights in `layout` for the duration, contiguous again after (outside
+    inference mode, so they stay ordinary tensors that training can use)."""
+    if layout == torch.contiguous_format:
+        yield
+        return
+    model.to(memory_format=layout)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
 
 
 def _forward(
@@ -199,7 +212,6 @@ def _forward(
     return prob.float().cpu()
 
 
-@torch.inference_mode()
 def predict_volume(
     model: torch.nn.Module,
     image: np.ndarray,
@@ -214,13 +226,29 @@ def predict_volume(
 
     `mirror` (the label scheme's left-right map) reorders the channels of the flipped pass of
     flip TTA for a multi-label model, whose lung channels swap in a mirror. `hu_window` (the
-    model's recipe) places the body's outline for the crop of the fast path; without it every
-    slice is run whole.
+    model's recipe) places the body's outline for `options.crop`; without it every slice is
+    run whole. The model comes back as it went in (eval mode aside).
     """
     with suppress(NotImplementedError):  # a torch.export module is already in eval mode
         model.eval()
-    model.to(memory_format=_layout(device, options))
     boxes = crop_boxes(image, options, hu_window)
+    with _laid_out(model, _layout(device, options)), torch.inference_mode():
+        return _predict_boxes(
+            model, image, device, options=options, mirror=mirror, progress=progress, boxes=boxes
+        )
+
+
+def _predict_boxes(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    device: torch.device,
+    *,
+    options: InferenceOptions,
+    mirror: tuple[int, ...] | None,
+    progress: bool,
+    boxes: np.ndarray,
+) -> np.ndarray:
+    """`predict_volume`'s loop: each batch of slices of one box through the network."""
     batches = list(_batches(boxes, options.batch_size))
     out: np.ndarray | None = None
     for indices, (r0, r1, c0, c1) in tqdm(
@@ -234,7 +262,7 @@ def predict_volume(
             if prob.shape[1] > 1:
                 out[0] = 1.0
         out[:, indices, r0:r1, c0:c1] = prob.permute(1, 0, 2, 3).numpy()
-    assert out is not None  # `_boxes` leaves at least one slice to run
+    assert out is not None  # `crop_boxes` leaves at least one slice to run
     return out
 
 
@@ -251,7 +279,7 @@ def segment(
 ) -> Segmentation:
     """Model input (slices, S, S) -> labels on the model's grid and on the scan's grid.
 
-    `hu_window` is the model's (its recipe's): where the fast path's body crop starts."""
+    `hu_window` is the model's (its recipe's): where the body crop (`options.crop`) starts."""
     prob = predict_volume(
         model,
         image,

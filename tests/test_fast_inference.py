@@ -70,6 +70,31 @@ def test_bf16_pays_only_where_native_and_measured_faster(
         cpu_bf16_pays.cache_clear()
 
 
+def test_the_calibration_leaves_the_random_stream_alone(monkeypatch) -> None:
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    monkeypatch.setattr(inference, "cpu_runs_bf16", lambda: True)
+    cpu_bf16_pays.cache_clear()
+    try:
+        torch.manual_seed(0)
+        cpu_bf16_pays()  # times a freshly initialised layer
+        assert torch.equal(torch.rand(3), expected)
+    finally:
+        cpu_bf16_pays.cache_clear()
+
+
+def test_the_fast_path_gives_the_model_back_as_it_was() -> None:
+    torch.manual_seed(0)
+    model = build_model("Unet", "resnet18", None, 1)
+    image = np.full((2, 64, 64), AIR, np.float16)
+    predict_volume(model, image, CPU, options=InferenceOptions(precision="auto"))
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous() and not p.is_inference() for p in weights)
+    model.train()
+    model(torch.rand(2, 1, 64, 64)).mean().backward()  # still trainable
+    assert all(p.grad is not None for p in weights)
+
+
 def test_crop_boxes_are_the_body_boxes_when_asked_for() -> None:
     image = np.full((2, 256, 256), AIR, np.float32)
     image[0, 100:140, 70:200] = 0.9
