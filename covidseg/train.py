@@ -38,6 +38,7 @@ from covidseg.losses import SegmentationLoss
 from covidseg.model import build_model, resolve_device
 from covidseg.modelio import ModelSpec, non_finite_count, save_model
 from covidseg.splits import load_splits
+from covidseg.stage import check_interrupt
 from covidseg.store import read_arrays
 from covidseg.tracking import Tracker
 from covidseg.transforms import recipe_of
@@ -246,6 +247,7 @@ def train_epoch(
     graphs = params.train.compile and device.type == "cuda"
     bar = tqdm(loader, desc=f"epoch {epoch}/{params.train.epochs}", unit="batch", disable=not show)
     for batch in bar:
+        check_interrupt()
         image, target = device_batch(batch, loader, device)
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import nibabel as nib
@@ -21,7 +23,7 @@ import torch
 from mirror_server import Fault, Mirror, MirrorServer
 from phantoms import IMAGES, LUNG, PhantomCase
 
-from covidseg import CovidSegError
+from covidseg import CovidSegError, stage
 from covidseg.cli import main
 from covidseg.config import DownloadParams, PrepareParams, SplitParams, parse_params
 from covidseg.download import fetch_archives, sha256_of
@@ -379,3 +381,21 @@ def test_a_terminated_stage_stops_like_ctrl_c(tmp_path: Path) -> None:
     assert stage.returncode == 130
     assert stderr.strip().splitlines()[-1] == "error: interrupted"
     assert not (tmp_path / "raw").exists()
+
+
+def test_a_ctrl_c_swallowed_by_a_finalizer_is_raised_at_the_next_check() -> None:
+    """Python only prints a KeyboardInterrupt raised while a weakref callback runs; the
+    training loop checks for it at every step, so the stage still stops."""
+
+    class Thing:
+        pass
+
+    thing = Thing()
+    weakref.finalize(thing, stage._interrupt, signal.SIGINT, None)
+    try:
+        del thing  # the finalizer runs and its KeyboardInterrupt is swallowed
+        with pytest.raises(KeyboardInterrupt):
+            stage.check_interrupt()
+    finally:
+        stage.INTERRUPTED.clear()
+    stage.check_interrupt()  # cleared: nothing raised
