@@ -32,6 +32,7 @@ from covidseg.transforms import Grid, body_boxes, body_level, labels_on_grid, to
 
 BF16_MIN_GAIN = 1.2  # `auto` takes bf16 on a CPU only where it is at least this much faster
 CALIBRATION_CALLS = 5
+CPU = torch.device("cpu")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
 
 
@@ -84,7 +85,7 @@ def cpu_runs_bf16() -> bool:
 def _best_time(layer: torch.nn.Module, x: torch.Tensor, bf16: bool) -> float:
     """The fastest of a few timed calls of `layer` (after one warm-up), in bf16 or fp32."""
     times = []
-    with torch.inference_mode(), _cpu_autocast(bf16):
+    with torch.inference_mode(), inference_autocast(CPU, "bf16" if bf16 else "fp32"):
         for _ in range(1 + CALIBRATION_CALLS):
             start = time.perf_counter()
             layer(x)
@@ -117,11 +118,6 @@ def uses_bf16(device: torch.device, precision: str) -> bool:
     if precision == "auto":
         return device.type == "cuda" or (device.type == "cpu" and cpu_bf16_pays())
     return precision == "bf16"
-
-
-def _cpu_autocast(bf16: bool) -> AbstractContextManager[object]:
-    """CPU bf16 autocast when `bf16`, else nothing (the calibration's two paths)."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def inference_autocast(device: torch.device, precision: str) -> AbstractContextManager[object]:

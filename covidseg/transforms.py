@@ -92,19 +92,6 @@ def body_level(hu_window: tuple[float, float]) -> float:
     return float(np.clip((BODY_HU - low) / (high - low), 0.0, 1.0))
 
 
-def _aligned(
-    first: np.ndarray, last: np.ndarray, extent: int, *, margin: int, min_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """[first, last] widened by `margin`, start and end on multiples of `STRIDE`, at least
-    `min_size` long (widened at the far side at the slice's edge), within [0, extent]."""
-    start = np.clip((first - margin) // STRIDE * STRIDE, 0, extent)
-    stop = np.clip(-(-(last + 1 + margin) // STRIDE) * STRIDE, 0, extent)
-    least = min(-(-min_size // STRIDE) * STRIDE, extent)
-    stop = np.maximum(stop, np.minimum(start + least, extent))
-    start = np.minimum(start, stop - least)
-    return start, stop
-
-
 def body_boxes(image: np.ndarray, level: float, *, margin: int, min_size: int) -> np.ndarray:
     """(slices, S, S) model input -> (slices, 4) int boxes (row0, row1, col0, col1) around the
     voxels above `level`, widened by `margin`, aligned to `STRIDE` (start and end) and at
@@ -122,7 +109,11 @@ def body_boxes(image: np.ndarray, level: float, *, margin: int, min_size: int) -
         has = found.any(axis=1)
         first = np.argmax(found, axis=1)
         last = extent - 1 - np.argmax(found[:, ::-1], axis=1)
-        start, stop = _aligned(first, last, extent, margin=margin, min_size=min_size)
+        start = np.clip((first - margin) // STRIDE * STRIDE, 0, extent)
+        stop = np.clip(-(-(last + 1 + margin) // STRIDE) * STRIDE, 0, extent)
+        least = min(-(-min_size // STRIDE) * STRIDE, extent)
+        stop = np.maximum(stop, np.minimum(start + least, extent))  # widened to `least`,
+        start = np.minimum(start, stop - least)  # at the far side when at the slice's edge
         boxes[:, lo] = np.where(has, start, 0)
         boxes[:, hi] = np.where(has, stop, 0)
     empty = boxes[:, 0] == boxes[:, 1]
