@@ -24,7 +24,7 @@ from covidseg.atomic import atomic_file, write_json_atomic
 from covidseg.ensemble import is_ensemble_folder, load_ensemble
 from covidseg.errors import CovidSegError
 from covidseg.figures import pick_slices, report_page
-from covidseg.inference import InferenceOptions, Segmentation, segment
+from covidseg.inference import InferenceOptions, Segmentation, segment, uses_bf16
 from covidseg.model import resolve_device
 from covidseg.modelio import ModelSpec, load_model
 from covidseg.severity import severity
@@ -58,10 +58,11 @@ def load_predictor(
         if not metadata:
             raise CovidSegError(f"{ref}: logged without covidseg metadata (image size, labels)")
         spec = ModelSpec.from_json(metadata, ref)
-        # a logged model is a torch.export graph, fixed to the fp32 it was exported in
-        # (autocast cannot rewrite its dtypes)
-        exported = replace(options, precision="fp32")
-        return Predictor(module.to(target), spec, ref, target, exported)
+        if uses_bf16(target, options.precision):
+            # a logged model is a torch.export graph, fixed to the fp32 it was exported in
+            # (autocast cannot rewrite its dtypes); channels_last it can take
+            options = replace(options, precision="fp32")
+        return Predictor(module.to(target), spec, ref, target, options)
     folder = Path(ref)
     if is_ensemble_folder(folder):  # models/: every fold-<k> model, probabilities averaged
         ensemble, spec = load_ensemble(folder, target)

@@ -25,11 +25,12 @@ import torch
 from phantoms import AIR_HU, BODY_HU, LESION_HU, LUNG_HU, PhantomCase, hu_to_uint8
 from PIL import Image
 
+import covidseg.inference as inference
 from covidseg.cli import main
 from covidseg.config import Params
 from covidseg.model import build_model
 from covidseg.modelio import ModelSpec, save_model
-from covidseg.predict import Predictor, predict_scan
+from covidseg.predict import Predictor, load_predictor, predict_scan
 from covidseg.tracking import Tracker
 
 WINDOW = (-1250.0, 250.0)
@@ -391,16 +392,23 @@ def test_mlflow_model_uri_gives_the_folder_models_labels(
     case = phantom_cases[1]
     scan = write_scan(tmp_path / "radiopaedia_4_85506_1.nii.gz", case.image, case.affine, (1, 1))
 
-    for model_ref, out in ((str(unet_folder), "folder"), (uri, "mlflow")):
-        # fp32 on both: a logged (exported) model always runs in fp32
-        args = ["--model", model_ref, "-o", out, "--device", "cpu", "--precision", "fp32"]
+    # a logged (exported) model never runs bf16; `auto` without bf16 gives it channels_last
+    monkeypatch.setattr(inference, "cpu_bf16_pays", lambda: False)
+    runs = ((str(unet_folder), "folder", "fp32"), (uri, "mlflow", "fp32"), (uri, "fast", "auto"))
+    for model_ref, out, precision in runs:
+        args = ["--model", model_ref, "-o", out, "--device", "cpu", "--precision", precision]
         code = main(["predict", str(scan), *args])
         assert code == 0
+    assert load_predictor(uri, "cpu").options.precision == "auto"
+    monkeypatch.setattr(inference, "cpu_bf16_pays", lambda: True)
+    assert load_predictor(uri, "cpu").options.precision == "fp32"
 
     folder_labels = read_labels(repo / "folder" / "radiopaedia_4_85506_1_seg.nii.gz")
     mlflow_labels = read_labels(repo / "mlflow" / "radiopaedia_4_85506_1_seg.nii.gz")
     assert 0 < folder_labels.mean() < 1  # both labels occur: the comparison means something
     np.testing.assert_array_equal(mlflow_labels, folder_labels)
+    fast_labels = read_labels(repo / "fast" / "radiopaedia_4_85506_1_seg.nii.gz")
+    np.testing.assert_array_equal(fast_labels, folder_labels)
     report = json.loads((repo / "mlflow" / "radiopaedia_4_85506_1_report.json").read_text())
     assert report["model"]["source"] == uri
     assert report["model"]["arch"] == "Unet"
