@@ -22,6 +22,7 @@ import pytest
 import torch
 from mirror_server import Fault, Mirror, MirrorServer
 from phantoms import IMAGES, LUNG, PhantomCase
+from test_train import TINY  # the two-epoch Unet/MobileNet-v2 params of the training tests
 
 from covidseg import CovidSegError, stage
 from covidseg.cli import main
@@ -35,13 +36,6 @@ from covidseg.train import TrainPaths, train
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 SPEC = ModelSpec("Unet", "mobilenet_v2", 1, "infection", 64, (-1250.0, 250.0))
-TINY = {
-    "arch": "Unet",
-    "encoder": "mobilenet_v2",
-    "prepare": {"image_size": 64},
-    "train": {"epochs": 2, "batch_size": 4, "steps_per_epoch": 2},
-    "runtime": {"num_workers": 0},
-}
 
 
 @pytest.fixture
