@@ -1,14 +1,15 @@
 """Agreement of the fast inference path with the fp32 path, on real scans and a trained model.
 
-For each scan: the labels of `--precision auto` (channels_last, bf16 where it pays; with
-`--crop`, each slice's body box only) against `--precision fp32`, both on the scan's grid,
-through the one inference path of `predict`: the share of equal voxels, the lesion volume of
-each, the share of the slice area the network ran on, the wall time of each, and, where a
-reference mask is given, the Dice of each against it. The goal: at least 99.5 % equal voxels
-and the lesion volume within 1 %.
+For each scan: the labels of `--precision auto` (channels_last, bf16 where it pays; `--fast
+bf16` forces bf16; with `--crop`, each slice's body box only) against `--precision fp32`, both
+on the scan's grid, through the one inference path of `predict`: the share of equal voxels,
+the lesion volume of each, the share of the slice area the network ran on, the wall time of
+each, and, where a reference mask is given, the Dice of each against it. The goal: at least
+99.5 % equal voxels and the lesion volume within 1 %.
 
 Usage: .venv/bin/python bench/agreement.py --model models/fold-0 --scans DIR [--masks DIR]
-       [--crop] [--batch B]   (DIR: NIfTI files; infection masks under the same names)
+       [--crop] [--fast auto|bf16] [--batch B]
+       (DIR: NIfTI files; infection masks under the same names)
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--crop", action="store_true", help="the fast path with the body crop")
+    parser.add_argument(
+        "--fast", default="auto", choices=("auto", "bf16"), help="the fast path's precision"
+    )
     args = parser.parse_args()
     print(machine_note())
     paths = {
@@ -43,10 +47,10 @@ def main() -> None:
             args.model,
             "cpu",
             InferenceOptions(
-                batch_size=args.batch, precision=precision, crop=args.crop and precision == "auto"
+                batch_size=args.batch, precision=precision, crop=args.crop and precision != "fp32"
             ),
         )
-        for precision in ("fp32", "auto")
+        for precision in ("fp32", args.fast)
     }
     spec = paths["fp32"].spec
     value = spec.scheme.infection
@@ -63,9 +67,9 @@ def main() -> None:
             start = time.perf_counter()
             seg, image, volume = segment_scan(predictor, data, affine, name)
             results[precision] = (seg.labels, time.perf_counter() - start)
-        boxes = crop_boxes(image, paths["auto"].options, spec.recipe.hu_window)
+        boxes = crop_boxes(image, paths[args.fast].options, spec.recipe.hu_window)
         area = ((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).sum()
-        (ref, ref_s), (fast, fast_s) = results["fp32"], results["auto"]
+        (ref, ref_s), (fast, fast_s) = results["fp32"], results[args.fast]
         voxel_ml = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000
         ref_ml = (ref == value).sum() * voxel_ml
         fast_ml = (fast == value).sum() * voxel_ml
