@@ -14,6 +14,7 @@ model, but on a trained model the lesion volume moved by about 3 %, over the 1 %
 torch has deprecated the quantized tensors this path runs on.
 
 Usage: .venv/bin/python bench/int8_trial.py --model models/fold-0 --scans DIR
+       [--calibration N]
        .venv/bin/python bench/int8_trial.py --speed
 """
 
@@ -104,7 +105,8 @@ def agreement(args: argparse.Namespace) -> None:
         image = prepared.image
         labels, seconds = {}, {}
         start = time.perf_counter()
-        picked = torch.from_numpy(image[calibration_slices(image)].astype(np.float32))[:, None]
+        picked = image[calibration_slices(image, args.calibration)].astype(np.float32)
+        picked = torch.from_numpy(picked)[:, None]
         int8, before, after, parts = quantize_int8(predictor.model, picked)
         calibration_s = time.perf_counter() - start
         for key, model in (("fp32", predictor.model), ("int8", int8)):
@@ -168,6 +170,9 @@ def main() -> None:
     parser.add_argument("--scans", type=Path, help="a folder of NIfTI scans")
     parser.add_argument("--speed", action="store_true", help="time the default model instead")
     parser.add_argument("--slices", type=int, default=6, help="slices for --speed")
+    parser.add_argument(
+        "--calibration", type=int, default=CALIBRATION_SLICES, help="calibration slices per scan"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")  # torch's deprecation and quantized-cat warnings
     print(machine_note())
