@@ -9,7 +9,7 @@ of each, and how the calibration slices alone agreed (what a per-scan guard woul
 `--speed` instead times fp32 (channels_last) against int8 on random 512 px slices of the
 default model, untrained.
 
-Not adopted (README, "Fast inference"): 3.8x faster than fp32 with channels_last on the default
+Not adopted (README, "Fast inference"): 4.3x faster than fp32 with channels_last on the default
 model, but on a trained model the lesion volume moved by about 3 %, over the 1 % bar; and
 torch has deprecated the quantized tensors this path runs on.
 
