@@ -1,14 +1,14 @@
 """Agreement of the fast inference path with the fp32 path, on real scans and a trained model.
 
 For each scan: the labels of `--precision auto` (channels_last, bf16 where it pays; `--fast
-bf16` forces bf16; with `--crop`, each slice's body box only) against `--precision fp32`, both
-on the scan's grid, through the one inference path of `predict`: the share of equal voxels,
-the lesion volume of each, the share of the slice area the network ran on, the wall time of
-each, and, where a reference mask is given, the Dice of each against it. The goal: at least
-99.5 % equal voxels and the lesion volume within 1 %.
+bf16` forces bf16, `--fast int8` quantizes per scan; with `--crop`, each slice's body box only)
+against `--precision fp32`, both on the scan's grid, through the one inference path of
+`predict`: the share of equal voxels, the lesion volume of each, the share of the slice area the
+network ran on, the wall time of each, and, where a reference mask is given, the Dice of each
+against it. The goal: at least 99.5 % equal voxels and the lesion volume within 1 %.
 
 Usage: .venv/bin/python bench/agreement.py --model models/fold-0 --scans DIR [--masks DIR]
-       [--crop] [--fast auto|bf16] [--batch B]
+       [--crop] [--fast auto|bf16|int8] [--batch B]
        (DIR: NIfTI files; infection masks under the same names)
 """
 
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--crop", action="store_true", help="the fast path with the body crop")
     parser.add_argument(
-        "--fast", default="auto", choices=("auto", "bf16"), help="the fast path's precision"
+        "--fast", default="auto", choices=("auto", "bf16", "int8"), help="the fast path's precision"
     )
     args = parser.parse_args()
     print(machine_note())

@@ -1,17 +1,18 @@
 """Time `covidseg predict` on a 300-slice 512 x 512 scan: today's fp32 path against the fast path.
 
 Side by side in one run, on the same synthetic chest scan (an elliptic body with two lungs
-inside a round field of view; the README compares its crop with real scans'): the whole
-command (read, reorient, normalise, batched inference, resampling back to the scan's grid,
-writing the label volume, report JSON and page) with today's settings (`--precision fp32
---batch-size 8`) and with the new defaults (`--precision auto`: channels_last, and bf16 where
-it measures faster than fp32 on this CPU; 2 slices per batch on a CPU). `--variants` adds the
+inside a round field of view; the README compares its crop with real scans'): the whole command
+(read, reorient, normalise, batched inference, resampling back to the scan's grid, writing the
+label volume, report JSON and page) with today's settings (`--precision fp32 --batch-size 8`)
+and with the new defaults (`--precision auto`: channels_last, and bf16 where it measures faster
+than fp32 on this CPU; 2 slices per batch on a CPU). A third run is `--precision int8` (its
+check on the calibration slices off: an untrained network sits at 0.5). `--variants` adds the
 bare inference of each lever alone; `--rss` measures the peak resident memory of `covidseg
 predict` (new defaults, a child process) on one scan and on two scans in one call.
 The network is untrained: inference costs the same.
 
 Usage: .venv/bin/python bench/predict_time.py [--quick] [--variants] [--rss | --rss-only]
-       [--rss-one] [--arch A]
+       [--rss-one] [--paths fp32,auto,int8] [--arch A]
        [--encoder E] [--size S] [--batch B] [--slices N]
 """
 
@@ -29,6 +30,7 @@ import torch
 from _report import load_note, machine_note, table, timed_cpu
 from _synth import make_phantom, window, write_nifti
 
+import covidseg.quantize as quantize
 from covidseg.inference import (
     InferenceOptions,
     crop_boxes,
@@ -78,7 +80,13 @@ def timing(
     runs = (
         ("fp32", f"--precision fp32 --batch-size {args.batch} (today)", "fp32", args.batch),
         ("auto", f"defaults: --precision auto, batch {fast_batch} on a CPU", "auto", fast_batch),
+        ("int8", f"--precision int8, batch {fast_batch} (check off: timing)", "int8", fast_batch),
     )
+    # the untrained network's labels sit at 0.5, where int8's check on the calibration slices
+    # falls back to fp32: it is off for the timing (bench/agreement.py --fast int8 measures
+    # the agreement on a trained model)
+    quantize.MAX_LABEL_CHANGE, quantize.MAX_VOLUME_CHANGE = 1.0, float("inf")
+    runs = tuple(run for run in runs if run[0] in args.paths.split(","))
     for key, name, precision, batch in runs:
         options = InferenceOptions(batch_size=batch, precision=precision)
         predictor = load_predictor(str(folder / "model"), "cpu", options)
@@ -95,6 +103,7 @@ def timing(
             ("auto", fast_batch, False),
             ("bf16", fast_batch, False),
             ("auto", fast_batch, True),
+            ("int8", fast_batch, False),
         )
         for precision, batch, crop in variants:
             options = InferenceOptions(batch_size=batch, precision=precision, crop=crop)
@@ -104,15 +113,15 @@ def timing(
             name = f"bare {precision}, batch {batch}" + (", body crop" if crop else "")
             rows.append((name, wall, cpu_s, wall / slices))
     print(table(("path", "wall s", "CPU s", "wall s/slice"), rows))
-    (fp32_wall, fp32_cpu), (fast_wall, fast_cpu) = results["fp32"], results["auto"]
-    print(
-        f"ratio today / new defaults (whole command): {fp32_wall / fast_wall:.2f}x wall, "
-        f"{fp32_cpu / fast_cpu:.2f}x CPU time"
-    )
-    if slices < 300:
+    fp32_wall, fp32_cpu = results["fp32"]
+    for key, name in (("auto", "new defaults"), ("int8", "--precision int8")):
+        if key not in results:
+            continue
+        wall, cpu_s = results[key]
         print(
-            f"projected for 300 slices: fp32 {fp32_wall / slices * 300 / 60:.1f} min, "
-            f"fast {fast_wall / slices * 300 / 60:.1f} min (per-slice wall time x 300)"
+            f"ratio today / {name} (whole command): {fp32_wall / wall:.2f}x wall, "
+            f"{fp32_cpu / cpu_s:.2f}x CPU time; projected for 300 slices: "
+            f"{wall / slices * 300 / 60:.1f} min (today {fp32_wall / slices * 300 / 60:.1f})"
         )
 
 
@@ -125,6 +134,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="model input size")
     parser.add_argument("--batch", type=int, default=8, help="batch of today's path")
     parser.add_argument("--variants", action="store_true", help="bare inference of each lever")
+    parser.add_argument(
+        "--paths", default="fp32,auto,int8", help="whole-command runs (fp32, today's, is needed)"
+    )
     parser.add_argument("--rss", action="store_true", help="peak RSS of predict, 1 vs 2 scans")
     parser.add_argument("--rss-only", action="store_true", help="only the peak RSS, no timing")
     parser.add_argument("--rss-one", action="store_true", help="the peak RSS of one scan only")

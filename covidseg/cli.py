@@ -55,7 +55,10 @@ def parser() -> argparse.ArgumentParser:
         "--precision",
         default="auto",
         choices=PRECISIONS,
-        help="auto: channels_last, and bf16 where it measures faster; fp32: the reference path",
+        help="auto: channels_last, and bf16 where it measures faster; fp32: the reference path; "
+        "int8 (CPU): quantized on the scan's own slices and checked there, fp32 where the check "
+        "fails; much faster on a long scan, lesion volumes within 1 %% on a trained UNet++ "
+        "(README)",
     )
     predict.add_argument(
         "--crop",

@@ -3,18 +3,21 @@
 `segment` is the one inference path of `evaluate` and `predict`: the same model and scan give
 the same labels in both.
 
-Two paths, chosen by `InferenceOptions.precision`:
+Three paths, chosen by `InferenceOptions.precision`:
 - `fp32`: full precision, on a CPU in the contiguous layout (the reference);
 - the fast path, `auto` and `bf16`: channels_last (oneDNN's faster convolutions); `bf16`
   autocasts to bf16, `auto` does so on CUDA, and on a CPU only where bf16 measures faster than
-  fp32 (`cpu_bf16_pays`).
+  fp32 (`cpu_bf16_pays`);
+- `int8` (CPU only): a copy of the model quantized and checked on the scan's own slices
+  (`covidseg.quantize`), or the `fp32` path where that check fails.
 `InferenceOptions.crop` (off by default, any precision) runs each slice's body box only
-(`body_boxes`: the voxels above -500 HU, widened by S/16, aligned to the encoder stride), background
-outside: fewer pixels, but the network's answer moves with its field of view (README).
+(`body_boxes`: the voxels above -500 HU, widened by S/16, aligned to the encoder stride),
+background outside: fewer pixels, but the network's answer moves with its field of view (README).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
@@ -27,9 +30,12 @@ import torch
 from tqdm import tqdm
 
 from covidseg.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, PRECISIONS
+from covidseg.errors import CovidSegError
 from covidseg.labels import LabelScheme
+from covidseg.quantize import calibration_slices, int8_available, quantize_int8, quiet
 from covidseg.transforms import Grid, body_boxes, body_level, labels_on_grid, to_labels
 
+NCHW = ("fp32", "int8")  # contiguous on a CPU: the reference, and oneDNN's int8 kernels
 BF16_MIN_GAIN = 1.2  # `auto` takes bf16 on a CPU only where it is at least this much faster
 CALIBRATION_CALLS = 5
 CPU = torch.device("cpu")
@@ -175,7 +181,7 @@ def default_batch_size(device: torch.device) -> int:
 def _layout(device: torch.device, options: InferenceOptions) -> torch.memory_format:
     """channels_last on CUDA and on a CPU's fast path (oneDNN's faster convolutions); the
     fp32 path on a CPU (and MPS) keeps the contiguous layout of earlier versions."""
-    fast = device.type == "cuda" or (device.type == "cpu" and options.precision != "fp32")
+    fast = device.type == "cuda" or (device.type == "cpu" and options.precision not in NCHW)
     return torch.channels_last if fast else torch.contiguous_format
 
 
@@ -233,10 +239,39 @@ def predict_volume(
     with suppress(NotImplementedError):  # a torch.export module is already in eval mode
         model.eval()
     boxes = crop_boxes(image, options, hu_window)
-    with _laid_out(model, _layout(device, options)), torch.inference_mode():
+    if options.precision == "int8":
+        model = _int8(model, image, device, options)
+    with _laid_out(model, _layout(device, options)), torch.inference_mode(), quiet():
         return _predict_boxes(
             model, image, device, options=options, mirror=mirror, progress=progress, boxes=boxes
         )
+
+
+def _int8(
+    model: torch.nn.Module, image: np.ndarray, device: torch.device, options: InferenceOptions
+) -> torch.nn.Module:
+    """An int8 copy of `model` calibrated on a few slices of `image`; `model` itself (then run
+    exactly as `fp32`) where that missed the agreement bar on those slices."""
+    if device.type != "cpu":
+        raise CovidSegError(f"precision int8 runs on a CPU only, not on {device.type}")
+    if not int8_available():
+        raise CovidSegError("precision int8: this torch has no oneDNN int8 engine")
+    picked = np.asarray(image[calibration_slices(image)], np.float32)
+
+    def labeller(logits: torch.Tensor) -> np.ndarray:
+        return to_labels(probabilities(logits).permute(1, 0, 2, 3).numpy(), options.threshold)
+
+    quantized = quantize_int8(
+        model, torch.from_numpy(picked)[:, None], labeller=labeller, batch_size=options.batch_size
+    )
+    if quantized is None:
+        print(
+            "warning: int8 missed the agreement bar on this scan's calibration slices (or the "
+            "model has no part it can quantize); running it in fp32",
+            file=sys.stderr,
+        )
+        return model
+    return quantized
 
 
 def _predict_boxes(

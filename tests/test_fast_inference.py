@@ -195,10 +195,12 @@ def test_evaluate_and_predict_agree_on_the_fast_path(raw_dir: Path, stores, mode
         assert np.array_equal(evaluated.labels, predicted.labels)
 
 
-def _train_tiny(images: np.ndarray, masks: np.ndarray, steps: int) -> torch.nn.Module:
-    """A Unet/mobilenet_v2 fitted to binary masks, enough for sure labels."""
+def _train_tiny(
+    images: np.ndarray, masks: np.ndarray, steps: int, arch: str = "Unet"
+) -> torch.nn.Module:
+    """An `arch` / MobileNet-v2 fitted to binary masks, enough for sure labels."""
     torch.manual_seed(0)
-    model = build_model("Unet", "mobilenet_v2", None, 1)
+    model = build_model(arch, "mobilenet_v2", None, 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     x, y = torch.from_numpy(images).float()[:, None], torch.from_numpy(masks).float()[:, None]

@@ -1,0 +1,105 @@
+"""`--precision int8`: post-training quantization calibrated on the scan, checked on the same
+slices against the agreement bar, and the fp32 path where it misses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_fast_inference import AIR, CPU, _train_tiny
+from test_transforms import stores  # noqa: F401 (fixture)
+
+import covidseg.quantize as quantize
+from covidseg import CovidSegError
+from covidseg.inference import InferenceOptions, predict_volume
+from covidseg.model import build_model
+from covidseg.store import read_arrays
+from covidseg.transforms import to_labels
+
+pytestmark = pytest.mark.skipif(not quantize.int8_available(), reason="no oneDNN int8 engine")
+FP32 = InferenceOptions(batch_size=4, precision="fp32")
+INT8 = InferenceOptions(batch_size=4, precision="int8")
+
+
+@pytest.fixture
+def trained(stores):  # noqa: F811
+    """(UNet++ / MobileNet-v2 fitted to the phantoms' lungs, its images, its fp32 labels)."""
+    arrays = [read_arrays(p, ("image", "mask")) for p in sorted(stores[0].glob("*.h5"))]
+    images = np.concatenate([a["image"] for a in arrays])
+    masks = np.concatenate([a["mask"] for a in arrays]) > 0
+    model = _train_tiny(images, masks, steps=60, arch="UnetPlusPlus")
+    ref = to_labels(predict_volume(model, images, CPU, options=FP32), 0.5)
+    assert ((ref > 0) == masks).mean() >= 0.99  # the model found the lungs
+    return model, images, ref
+
+
+def test_int8_labels_agree_with_fp32_on_a_trained_model(trained, capsys) -> None:
+    model, images, ref = trained
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = to_labels(predict_volume(model, images, CPU, options=INT8), 0.5)
+    assert "warning" not in capsys.readouterr().err  # int8 ran, no fallback
+    assert (got == ref).mean() >= 0.995
+    assert abs(int(got.sum()) - int(ref.sum())) <= 0.01 * ref.sum()
+    assert not np.array_equal(  # and it is another computation than fp32's
+        predict_volume(model, images, CPU, options=INT8),
+        predict_volume(model, images, CPU, options=FP32),
+    )
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the model is untouched
+
+
+def test_the_copy_is_int8_but_the_full_resolution_blocks_and_head(trained) -> None:
+    model, images, _ = trained
+    batch = torch.from_numpy(images[quantize.calibration_slices(images)].astype(np.float32))
+    copy = quantize.quantize_int8(
+        model, batch[:, None], labeller=lambda x: (x > 0).numpy(), batch_size=4
+    )
+    assert copy is not None
+    convs = {name: type(m) for name, m in copy.named_modules() if "Conv" in type(m).__name__}
+    int8 = [name for name, kind in convs.items() if "quantized" in kind.__module__]
+    fp32 = [name for name, kind in convs.items() if kind is torch.nn.Conv2d]
+    assert any(name.startswith("encoder.") for name in int8)
+    assert any(name.startswith("decoder.") for name in int8)
+    assert fp32 and all(n.startswith(("decoder.blocks.x_0_", "segmentation_head")) for n in fp32)
+
+
+def test_int8_falls_back_to_fp32_where_the_bar_is_missed(trained, monkeypatch, capsys) -> None:
+    model, images, _ = trained
+    monkeypatch.setattr(quantize, "MAX_LABEL_CHANGE", -1.0)  # nothing can pass
+    int8 = predict_volume(model, images, CPU, options=INT8)
+    assert "running it in fp32" in capsys.readouterr().err
+    fp32 = predict_volume(model, images, CPU, options=FP32)
+    np.testing.assert_array_equal(int8, fp32)  # exactly fp32, not a half-quantized model
+
+
+def test_a_decoder_fx_cannot_trace_stays_fp32() -> None:
+    """Unet's decoder reads tensor shapes in a loop: only its encoder is quantized."""
+    torch.manual_seed(0)
+    net = build_model("Unet", "resnet18", None, 1).eval()
+    assert quantize.observe(net, torch.rand(1, 1, 64, 64)) == ["encoder"]
+
+
+def test_int8_runs_on_a_cpu_only() -> None:
+    model = build_model("Unet", "resnet18", None, 1)
+    image = np.full((2, 64, 64), AIR, np.float32)
+    with pytest.raises(CovidSegError, match="int8 runs on a CPU only"):
+        predict_volume(model, image, torch.device("cuda"), options=INT8)
+
+
+def test_the_bar_on_the_calibration_slices() -> None:
+    ref = np.zeros((2, 100, 100), np.uint8)
+    ref[:, :30] = 1  # 6,000 positives of 20,000
+    near = ref.copy()
+    near[0, 30, :50] = 1  # +50 voxels: 0.25 % changed, volume +0.8 %
+    far = ref.copy()
+    far[0, 30:32] = 1  # +200 voxels: 1 % changed
+    assert quantize.agrees(ref, near) and not quantize.agrees(ref, far)
+    few = np.zeros_like(ref)
+    few[0, 0, :5] = 1
+    more = few.copy()
+    more[0, 0, 5:10] = 1  # 5 voxels against 10: +100 % of almost nothing, 0.025 % changed
+    assert quantize.agrees(few, more)
+    assert quantize.calibration_slices(np.zeros((300, 2, 2))).tolist() == [
+        0, 43, 85, 128, 171, 214, 256, 299
+    ]  # fmt: skip
+    assert quantize.calibration_slices(np.zeros((3, 2, 2))).tolist() == [0, 1, 2]
