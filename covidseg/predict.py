@@ -58,6 +58,11 @@ def load_predictor(
         if not metadata:
             raise CovidSegError(f"{ref}: logged without covidseg metadata (image size, labels)")
         spec = ModelSpec.from_json(metadata, ref)
+        if options.precision == "int8":
+            raise CovidSegError(
+                f"{ref}: precision int8 needs a model folder (a logged model is a torch.export "
+                "graph, which it cannot quantize)"
+            )
         if uses_bf16(target, options.precision):
             # a logged model is a torch.export graph, fixed to the fp32 it was exported in
             # (autocast cannot rewrite its dtypes); channels_last it can take

@@ -110,7 +110,7 @@ def quantize_int8(
     """An int8 copy of `model` calibrated on the (N, 1, H, W) `calibration` slices, or None
     where no part could be quantized or its labels on those slices miss the bar. `model`
     itself is left as it was."""
-    torch.backends.quantized.engine = ENGINE
+    torch.backends.quantized.engine = ENGINE  # process-wide: the int8 copy runs on it
     quantized = copy.deepcopy(model).float().cpu().eval()
     nets = [m for m in quantized.modules() if isinstance(m, SegmentationModel)]
     with quiet(), torch.no_grad():

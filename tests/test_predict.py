@@ -26,8 +26,10 @@ from phantoms import AIR_HU, BODY_HU, LESION_HU, LUNG_HU, PhantomCase, hu_to_uin
 from PIL import Image
 
 import covidseg.inference as inference
+from covidseg import CovidSegError
 from covidseg.cli import main
 from covidseg.config import Params
+from covidseg.inference import InferenceOptions
 from covidseg.model import build_model
 from covidseg.modelio import ModelSpec, save_model
 from covidseg.predict import Predictor, load_predictor, predict_scan
@@ -402,6 +404,8 @@ def test_mlflow_model_uri_gives_the_folder_models_labels(
     assert load_predictor(uri, "cpu").options.precision == "auto"
     monkeypatch.setattr(inference, "cpu_bf16_pays", lambda: True)
     assert load_predictor(uri, "cpu").options.precision == "fp32"
+    with pytest.raises(CovidSegError, match="int8 needs a model folder"):
+        load_predictor(uri, "cpu", InferenceOptions(precision="int8"))
 
     folder_labels = read_labels(repo / "folder" / "radiopaedia_4_85506_1_seg.nii.gz")
     mlflow_labels = read_labels(repo / "mlflow" / "radiopaedia_4_85506_1_seg.nii.gz")
