@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from covidseg.store import CaseMeta, write_store
+from covidseg.data.store import CaseMeta, write_store
 
 OUTSIDE_FOV_HU, AIR_HU, FAT_HU, BODY_HU, BONE_HU = -1024, -1000, -100, 40, 600
 LUNG_HU, LESION_HU = -850, -450

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from _report import load_note, machine_note, table
 
-from covidseg.inference import InferenceOptions, crop_boxes, uses_bf16
-from covidseg.predict import load_predictor, segment_scan
-from covidseg.validation import dice
-from covidseg.volumes import read_nifti, reorient
+from covidseg.data.volumes import read_nifti, reorient
+from covidseg.inference.predict import load_predictor, segment_scan
+from covidseg.inference.segment import InferenceOptions, crop_boxes, uses_bf16
+from covidseg.training.validation import dice
 
 
 def main() -> None:

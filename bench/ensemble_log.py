@@ -2,7 +2,7 @@
 
 Writes `--folds` untrained fold model folders (`models/fold-<k>/`, by `save_model` with train's
 own `model_spec`, `encoder_weights: null`: nothing is downloaded) at the default image size of
-params, then calls `covidseg.aggregate.track` (the stage's own code: the parent run, the
+params, then calls `covidseg.evaluation.aggregate.track` (the stage's own code: the parent run, the
 `FoldEnsemble` exported with torch.export, logged, registered and aliased) against a sqlite
 store and artifact folder in a temporary folder. The model is then loaded back through
 `load_predictor("models:/<name>@<alias>", "cpu")`, run on one slice and checked against the mean
@@ -37,15 +37,15 @@ import numpy as np
 import torch
 from _report import load_note, machine_note, table, timed
 
-import covidseg.aggregate
-from covidseg.aggregate import AggregatePaths, track
-from covidseg.checkpoint import State
+import covidseg.evaluation.aggregate
 from covidseg.config import Params, parse_params
-from covidseg.ensemble import FoldEnsemble, load_ensemble
-from covidseg.model import build_model
-from covidseg.modelio import save_model
-from covidseg.predict import load_predictor
-from covidseg.train import model_spec
+from covidseg.evaluation.aggregate import AggregatePaths, track
+from covidseg.inference.ensemble import FoldEnsemble, load_ensemble
+from covidseg.inference.predict import load_predictor
+from covidseg.training.checkpoint import State
+from covidseg.training.model import build_model
+from covidseg.training.modelio import save_model
+from covidseg.training.train import model_spec
 
 CPU = torch.device("cpu")
 MIB = 2**20
@@ -161,7 +161,7 @@ def watch_logging() -> Phases:
     and its forward for the signature, torch.export and its archive, MLflow's check that the
     input example serves (it loads the archive and runs it)."""
     phases = Phases()
-    phases.wrap(covidseg.aggregate, "load_ensemble", "read the fold folders")
+    phases.wrap(covidseg.evaluation.aggregate, "load_ensemble", "read the fold folders")
     is_module = lambda x, *_: isinstance(x, torch.nn.Module)  # noqa: E731
     phases.wrap(copy, "deepcopy", "copy of the ensemble", is_module)
     phases.wrap(FoldEnsemble, "__call__", "forward for the signature")

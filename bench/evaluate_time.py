@@ -1,11 +1,11 @@
 """Evaluation time for one case against the bare model's inference on the same slices.
 
-`covidseg.evaluate.predict_case` (batched prediction, resampling of the probabilities back to
-the original grid, thresholding) and `covidseg.metrics.case_metrics` on a 300-slice case stored
-at 128 px whose original grid is 512 x 512, against a bare `model(batch)` loop under
-`torch.no_grad`. The model is untrained (it marks ~90 % of voxels), so the metrics are timed on a
-realistic prediction instead: the reference mask shifted in-plane by a few voxels (its Dice
-is printed).
+`covidseg.evaluation.evaluate.predict_case` (batched prediction, resampling of the probabilities
+back to the original grid, thresholding) and `covidseg.evaluation.metrics.case_metrics` on a
+300-slice case stored at 128 px whose original grid is 512 x 512, against a bare `model(batch)`
+loop under `torch.no_grad`. The model is untrained (it marks ~90 % of voxels), so the metrics are
+timed on a realistic prediction instead: the reference mask shifted in-plane by a few voxels (its
+Dice is printed).
 
 Usage: .venv/bin/python bench/evaluate_time.py [--quick] [--size 512] [--arch A] [--encoder E]
 """
@@ -22,15 +22,15 @@ from _report import load_note, machine_note, median, spread, table, timed, timed
 from _synth import make_phantom, write_case_store
 
 from covidseg.config import Params, RuntimeParams
-from covidseg.evaluate import inference_options, predict_stored
-from covidseg.inference import predict_volume
-from covidseg.labels import INFECTION
-from covidseg.metrics import case_metrics
-from covidseg.model import build_model
-from covidseg.modelio import ModelSpec
-from covidseg.resample import to_original_grid
-from covidseg.store import read_arrays, read_meta
-from covidseg.transforms import to_labels
+from covidseg.data.labels import INFECTION
+from covidseg.data.resample import to_original_grid
+from covidseg.data.store import read_arrays, read_meta
+from covidseg.data.transforms import to_labels
+from covidseg.evaluation.evaluate import inference_options, predict_stored
+from covidseg.evaluation.metrics import case_metrics
+from covidseg.inference.segment import predict_volume
+from covidseg.training.model import build_model
+from covidseg.training.modelio import ModelSpec
 
 DEVICE = torch.device("cpu")
 ORIGINAL = 512

@@ -26,9 +26,9 @@ from _synth import make_phantom, write_case_store
 from torch.utils.data import DataLoader
 
 from covidseg.config import parse_params
-from covidseg.dataset import SliceDataset
-from covidseg.losses import SegmentationLoss
-from covidseg.train import build_parts
+from covidseg.training.dataset import SliceDataset
+from covidseg.training.losses import SegmentationLoss
+from covidseg.training.train import build_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 SLICES = 40

@@ -34,9 +34,9 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from covidseg.config import Params, PrepareParams, RuntimeParams, TrainParams
-from covidseg.dataset import SliceDataset
-from covidseg.losses import SegmentationLoss
-from covidseg.train import (
+from covidseg.training.dataset import SliceDataset
+from covidseg.training.losses import SegmentationLoss
+from covidseg.training.train import (
     Dist,
     _forward_loss,
     build_parts,

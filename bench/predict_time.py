@@ -30,18 +30,18 @@ import torch
 from _report import load_note, machine_note, table, timed_cpu
 from _synth import make_phantom, window, write_nifti
 
-import covidseg.quantize as quantize
-from covidseg.inference import (
+import covidseg.inference.quantize as quantize
+from covidseg.data.resample import to_square
+from covidseg.inference.predict import load_predictor, predict_many
+from covidseg.inference.segment import (
     InferenceOptions,
     crop_boxes,
     default_batch_size,
     predict_volume,
     uses_bf16,
 )
-from covidseg.model import build_model
-from covidseg.modelio import ModelSpec, save_model
-from covidseg.predict import load_predictor, predict_many
-from covidseg.resample import to_square
+from covidseg.training.model import build_model
+from covidseg.training.modelio import ModelSpec, save_model
 
 HU_WINDOW = (-1250.0, 250.0)
 RSS_CHILD = """

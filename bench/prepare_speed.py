@@ -1,9 +1,9 @@
 """`prepare` speed on a full-size synthetic coronacases-like case against its bare I/O.
 
-Stage: `covidseg.prepare.prepare_dataset` over two cases (the same NIfTI files under two names,
+Stage: `covidseg.data.prepare.prepare_dataset` over two cases (the same NIfTI files under two names,
 hard-linked, because a k-fold split needs two patients); times are per case. Bare I/O: nibabel
 decode of image and mask plus an h5py write of the same result arrays with the same dtype,
-chunks and `covidseg.store.COMPRESSION`. Parts: the functions `prepare_case` calls, one by one.
+chunks and `covidseg.data.store.COMPRESSION`. Parts: the functions `prepare_case` calls, one by one.
 
 Usage: .venv/bin/python bench/prepare_speed.py [--quick] [--repeats N]
 """
@@ -27,12 +27,12 @@ from _report import load_note, machine_note, median, spread, table, timed, timed
 from _synth import make_phantom, write_nifti
 
 from covidseg.config import PrepareParams, SplitParams
-from covidseg.intensity import check_encoding, normalise
-from covidseg.labels import scheme_for, target_mask
-from covidseg.prepare import prepare_case, prepare_dataset
-from covidseg.resample import to_square
-from covidseg.store import COMPRESSION, CaseMeta, write_store
-from covidseg.volumes import (
+from covidseg.data.intensity import check_encoding, normalise
+from covidseg.data.labels import scheme_for, target_mask
+from covidseg.data.prepare import prepare_case, prepare_dataset
+from covidseg.data.resample import to_square
+from covidseg.data.store import COMPRESSION, CaseMeta, write_store
+from covidseg.data.volumes import (
     IMAGE_ARCHIVE,
     INFECTION_ARCHIVE,
     CaseFiles,

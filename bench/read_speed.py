@@ -1,6 +1,6 @@
 """Random single-slice reads from the slice stores through a 2-worker DataLoader.
 
-`covidseg.dataset.SliceDataset` over synthetic stores (float16 images, gzip as `prepare`
+`covidseg.training.dataset.SliceDataset` over synthetic stores (float16 images, gzip as `prepare`
 writes them) against the same arrays in memory-mapped `.npy` files (the memory-bound limit),
 at 512 and 128 px; then with augmentation on through `BalancedSampler`. All files are freshly
 written, so reads are warm (page cache). Also the in-process cost per slice (1 thread).
@@ -21,7 +21,7 @@ from _synth import make_phantom, write_case_store
 from torch.utils.data import DataLoader, Dataset
 
 from covidseg.config import AugmentParams
-from covidseg.dataset import BalancedSampler, SliceDataset
+from covidseg.training.dataset import BalancedSampler, SliceDataset
 
 WORKERS = 2
 BATCH = 2

@@ -1,9 +1,9 @@
 """Training throughput of the stage's code path against the bare model step.
 
-Stage: `make_loader` + `train_epoch` from `covidseg.train` (real `SliceDataset` over synthetic
-stores, augmentation and `BalancedSampler` on, 1 DataLoader worker, the progress bar drawn to
-/dev/null). Bare: the same model, loss and optimizer doing forward, loss, backward and step on
-one batch of the same shape already in memory. One warm-up step precedes each; the stage's
+Stage: `make_loader` + `train_epoch` from `covidseg.training.train` (real `SliceDataset` over
+synthetic stores, augmentation and `BalancedSampler` on, 1 DataLoader worker, the progress bar
+drawn to /dev/null). Bare: the same model, loss and optimizer doing forward, loss, backward and
+step on one batch of the same shape already in memory. One warm-up step precedes each; the stage's
 warm-up epoch is cut to one batch, which also starts its persistent worker.
 
 Usage: .venv/bin/python bench/train_throughput.py [--quick] [--arch A] [--encoder E]
@@ -24,9 +24,9 @@ from _synth import build_stores
 from torch.utils.data import DataLoader
 
 from covidseg.config import Params, PrepareParams, RuntimeParams, TrainParams
-from covidseg.dataset import SliceDataset
-from covidseg.losses import SegmentationLoss
-from covidseg.train import Dist, build_parts, make_loader, seed_everything, train_epoch
+from covidseg.training.dataset import SliceDataset
+from covidseg.training.losses import SegmentationLoss
+from covidseg.training.train import Dist, build_parts, make_loader, seed_everything, train_epoch
 
 GOAL = 1.10
 CASES, SLICES = 3, 80

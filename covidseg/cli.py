@@ -70,9 +70,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from covidseg.inference import InferenceOptions, default_batch_size
-    from covidseg.model import resolve_device
-    from covidseg.predict import load_predictor, predict_many
+    from covidseg.inference.predict import load_predictor, predict_many
+    from covidseg.inference.segment import InferenceOptions, default_batch_size
+    from covidseg.training.model import resolve_device
 
     options = InferenceOptions(
         batch_size=args.batch_size or default_batch_size(resolve_device(args.device)),

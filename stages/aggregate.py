@@ -3,8 +3,8 @@
 import argparse
 from pathlib import Path
 
-from covidseg.aggregate import AggregatePaths, aggregate
 from covidseg.config import load_params
+from covidseg.evaluation.aggregate import AggregatePaths, aggregate
 from covidseg.stage import run_stage
 
 

@@ -4,7 +4,7 @@ import argparse
 from pathlib import Path
 
 from covidseg.config import load_params
-from covidseg.download import fetch_archives
+from covidseg.data.download import fetch_archives
 from covidseg.stage import run_stage
 
 

@@ -4,7 +4,7 @@ import argparse
 from pathlib import Path
 
 from covidseg.config import load_params
-from covidseg.evaluate import EvalPaths, evaluate
+from covidseg.evaluation.evaluate import EvalPaths, evaluate
 from covidseg.stage import run_stage
 
 

@@ -4,7 +4,7 @@ import argparse
 from pathlib import Path
 
 from covidseg.config import load_params
-from covidseg.prepare import prepare_dataset
+from covidseg.data.prepare import prepare_dataset
 from covidseg.stage import run_stage
 
 

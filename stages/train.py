@@ -5,7 +5,7 @@ from pathlib import Path
 
 from covidseg.config import load_params
 from covidseg.stage import run_stage
-from covidseg.train import TrainPaths, train
+from covidseg.training.train import TrainPaths, train
 
 
 def main() -> None:

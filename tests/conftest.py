@@ -42,7 +42,7 @@ def http_mirror(mirror: Mirror, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mir
 def raw_dir(mirror: Mirror, tmp_path: Path) -> Path:
     """The phantom archives extracted by the real download code from a folder mirror."""
     from covidseg.config import DownloadParams
-    from covidseg.download import fetch_archives
+    from covidseg.data.download import fetch_archives
 
     params = DownloadParams(base_url=str(mirror.dir), sha256=mirror.sha256)
     fetch_archives(params, cache_dir=tmp_path / "downloads", raw_dir=tmp_path / "raw")
@@ -53,7 +53,7 @@ def raw_dir(mirror: Mirror, tmp_path: Path) -> Path:
 def prepared(raw_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
     """(stores folder, splits.json) at 64 px: 1 training, 1 validation and 1 test case."""
     from covidseg.config import PrepareParams, SplitParams
-    from covidseg.prepare import prepare_dataset
+    from covidseg.data.prepare import prepare_dataset
 
     split = SplitParams(scheme="kfold", n_folds=3, folds=(0, 1, 2), val_fraction=0.5)
     out, splits = tmp_path / "prepared", tmp_path / "splits.json"

@@ -14,8 +14,8 @@ import pytest
 
 from covidseg import atomic
 from covidseg.atomic import atomic_dir, atomic_file, write_json_atomic
+from covidseg.data.store import CaseMeta, write_store
 from covidseg.errors import CovidSegError
-from covidseg.store import CaseMeta, write_store
 
 ROOT = Path(__file__).resolve().parents[1]
 

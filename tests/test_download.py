@@ -15,9 +15,9 @@ import pytest
 from mirror_server import Fault, Mirror, MirrorServer
 from phantoms import ALL_ARCHIVES, IMAGES, LUNG, LUNG_AND_INFECTION
 
-from covidseg import download
 from covidseg.config import DownloadParams
-from covidseg.download import fetch_archives, sha256_of
+from covidseg.data import download
+from covidseg.data.download import fetch_archives, sha256_of
 from covidseg.errors import CovidSegError
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from covidseg.config import parse_params
-from covidseg.evaluate import EvalPaths, evaluate
-from covidseg.labels import whole_lungs
-from covidseg.prepare import prepare_dataset
-from covidseg.train import TrainPaths, train
+from covidseg.data.labels import whole_lungs
+from covidseg.data.prepare import prepare_dataset
+from covidseg.evaluation.evaluate import EvalPaths, evaluate
+from covidseg.training.train import TrainPaths, train
 
 TINY = {
     "arch": "Unet",

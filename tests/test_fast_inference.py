@@ -15,9 +15,13 @@ import pytest
 import torch
 from test_transforms import model_dir, stores  # noqa: F401 (fixtures)
 
-import covidseg.inference as inference
-from covidseg.evaluate import predict_stored
-from covidseg.inference import (
+import covidseg.inference.segment as inference
+from covidseg.data.store import read_arrays, read_meta
+from covidseg.data.transforms import STRIDE, body_boxes, body_level, to_labels
+from covidseg.data.volumes import find_cases, read_nifti
+from covidseg.evaluation.evaluate import predict_stored
+from covidseg.inference.predict import Predictor, segment_scan
+from covidseg.inference.segment import (
     InferenceOptions,
     cpu_bf16_pays,
     crop_boxes,
@@ -25,12 +29,8 @@ from covidseg.inference import (
     probabilities,
     uses_bf16,
 )
-from covidseg.model import build_model
-from covidseg.modelio import load_model
-from covidseg.predict import Predictor, segment_scan
-from covidseg.store import read_arrays, read_meta
-from covidseg.transforms import STRIDE, body_boxes, body_level, to_labels
-from covidseg.volumes import find_cases, read_nifti
+from covidseg.training.model import build_model
+from covidseg.training.modelio import load_model
 
 CPU = torch.device("cpu")
 WINDOW = (-1250.0, 250.0)

@@ -27,11 +27,11 @@ from test_train import TINY  # the two-epoch Unet/MobileNet-v2 params of the tra
 from covidseg import CovidSegError, stage
 from covidseg.cli import main
 from covidseg.config import DownloadParams, PrepareParams, SplitParams, parse_params
-from covidseg.download import fetch_archives, sha256_of
-from covidseg.model import build_model
-from covidseg.modelio import ModelSpec, load_model, save_model
-from covidseg.prepare import prepare_dataset
-from covidseg.train import TrainPaths, train
+from covidseg.data.download import fetch_archives, sha256_of
+from covidseg.data.prepare import prepare_dataset
+from covidseg.training.model import build_model
+from covidseg.training.modelio import ModelSpec, load_model, save_model
+from covidseg.training.train import TrainPaths, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -147,7 +147,7 @@ def test_a_diverging_training_stops_with_one_line_and_writes_no_model(
 def test_a_nan_loss_names_epoch_and_step_and_keeps_the_best_model(
     prepared, tmp_path: Path, tracked, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from covidseg.losses import SegmentationLoss
+    from covidseg.training.losses import SegmentationLoss
 
     params = parse_params(TINY)  # 2 epochs of 2 steps
     paths = train_paths(tmp_path, prepared)
@@ -170,8 +170,8 @@ def test_a_nan_loss_names_epoch_and_step_and_keeps_the_best_model(
 
 
 def test_an_exploding_loss_stops_when_asked(prepared, tmp_path: Path, tracked) -> None:
-    from covidseg.checkpoint import State
-    from covidseg.train import Diverged, Run, check_explosion
+    from covidseg.training.checkpoint import State
+    from covidseg.training.train import Diverged, Run, check_explosion
 
     params = parse_params({**TINY, "train": {**TINY["train"], "max_loss_factor": 10}})
     run = Run.__new__(Run)

@@ -9,7 +9,7 @@ import pytest
 from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
-from covidseg.figures import (
+from covidseg.reporting.figures import (
     BAR_HEIGHT_INCHES,
     CURVES_INCHES,
     DPI,
@@ -129,8 +129,8 @@ def test_training_curves_marks_the_best_dice_epoch(tmp_path: Path) -> None:
 
 
 def test_lung_model_overlay_is_labelled_as_lungs_even_with_one_label(tmp_path: Path) -> None:
-    from covidseg.figures import REF_LUNG_COLOUR, guess_scheme
-    from covidseg.labels import INFECTION, LUNG_INFECTION
+    from covidseg.data.labels import INFECTION, LUNG_INFECTION
+    from covidseg.reporting.figures import REF_LUNG_COLOUR, guess_scheme
 
     image = np.full((2, 64, 64), 0.3, dtype=np.float16)
     only_left = np.zeros((2, 64, 64), np.uint8)

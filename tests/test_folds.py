@@ -14,13 +14,13 @@ import torch
 from phantoms import PhantomCase
 
 from covidseg import CovidSegError
-from covidseg.aggregate import benchmark_report, read_fold_rows, summary_of
 from covidseg.config import parse_params
-from covidseg.ensemble import FoldEnsemble, load_ensemble
-from covidseg.inference import InferenceOptions, predict_volume
-from covidseg.model import build_model
-from covidseg.modelio import ModelSpec, save_model
-from covidseg.predict import load_predictor, predict_scan
+from covidseg.evaluation.aggregate import benchmark_report, read_fold_rows, summary_of
+from covidseg.inference.ensemble import FoldEnsemble, load_ensemble
+from covidseg.inference.predict import load_predictor, predict_scan
+from covidseg.inference.segment import InferenceOptions, predict_volume
+from covidseg.training.model import build_model
+from covidseg.training.modelio import ModelSpec, save_model
 
 CPU = torch.device("cpu")
 SPEC = ModelSpec("Unet", "mobilenet_v2", 1, "infection", 64, (-1250.0, 250.0))

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from covidseg.augment import DrawnSlices, augment_batch, augment_slice, draw
 from covidseg.config import AugmentParams, LossParams, parse_params
-from covidseg.dataset import BalancedSampler, SliceDataset
-from covidseg.losses import SegmentationLoss
-from covidseg.model import build_model
-from covidseg.train import LossMeter, _forward_loss, device_batch, forward_loss
+from covidseg.training.augment import DrawnSlices, augment_batch, augment_slice, draw
+from covidseg.training.dataset import BalancedSampler, SliceDataset
+from covidseg.training.losses import SegmentationLoss
+from covidseg.training.model import build_model
+from covidseg.training.train import LossMeter, _forward_loss, device_batch, forward_loss
 
 
 def textured_slices(count: int, size: int, labels: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,12 +11,12 @@ from test_transforms import stores  # noqa: F401 (fixture)
 from torch.ao.quantization.observer import HistogramObserver
 from torch.nn import Conv2d
 
-import covidseg.quantize as quantize
+import covidseg.inference.quantize as quantize
 from covidseg import CovidSegError
-from covidseg.inference import InferenceOptions, predict_volume
-from covidseg.model import build_model
-from covidseg.store import read_arrays
-from covidseg.transforms import to_labels
+from covidseg.data.store import read_arrays
+from covidseg.data.transforms import to_labels
+from covidseg.inference.segment import InferenceOptions, predict_volume
+from covidseg.training.model import build_model
 
 pytestmark = pytest.mark.skipif(not quantize.int8_available(), reason="no oneDNN int8 engine")
 FP32 = InferenceOptions(batch_size=4, precision="fp32")

@@ -12,7 +12,7 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from scipy import ndimage
 
-from covidseg.metrics import METRIC_KEYS, case_metrics, crop_to_union, summarise
+from covidseg.evaluation.metrics import METRIC_KEYS, case_metrics, crop_to_union, summarise
 
 ISO = (1.0, 1.0, 1.0)
 

@@ -28,9 +28,9 @@ from mlflow_server import ROOT, MlflowServer
 from pipeline_repo import TINY, merge
 
 from covidseg.config import Params
-from covidseg.evaluate import EvalPaths, evaluate
-from covidseg.splits import load_splits
-from covidseg.train import TrainPaths, train
+from covidseg.data.splits import load_splits
+from covidseg.evaluation.evaluate import EvalPaths, evaluate
+from covidseg.training.train import TrainPaths, train
 
 if TYPE_CHECKING:
     from playwright.sync_api import Locator, Page

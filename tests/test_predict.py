@@ -25,15 +25,15 @@ import torch
 from phantoms import AIR_HU, BODY_HU, LESION_HU, LUNG_HU, PhantomCase, hu_to_uint8
 from PIL import Image
 
-import covidseg.inference as inference
+import covidseg.inference.segment as inference
 from covidseg import CovidSegError
 from covidseg.cli import main
 from covidseg.config import Params
-from covidseg.inference import InferenceOptions
-from covidseg.model import build_model
-from covidseg.modelio import ModelSpec, save_model
-from covidseg.predict import Predictor, load_predictor, predict_scan
+from covidseg.inference.predict import Predictor, load_predictor, predict_scan
+from covidseg.inference.segment import InferenceOptions
 from covidseg.tracking import Tracker
+from covidseg.training.model import build_model
+from covidseg.training.modelio import ModelSpec, save_model
 
 WINDOW = (-1250.0, 250.0)
 LESION = (LESION_HU - WINDOW[0]) / (WINDOW[1] - WINDOW[0])  # ~0.567

@@ -14,8 +14,8 @@ from phantoms import PhantomCase, nifti_gz_bytes
 
 from covidseg import CovidSegError
 from covidseg.config import PrepareParams, SplitParams
-from covidseg.prepare import prepare_dataset
-from covidseg.store import read_meta
+from covidseg.data.prepare import prepare_dataset
+from covidseg.data.store import read_meta
 
 PREPARE = PrepareParams(image_size=64, image_dtype="float32")
 SPLIT = SplitParams(scheme="kfold", n_folds=3, folds=(0, 1, 2), val_fraction=0.5)
@@ -192,7 +192,7 @@ def test_mask_without_image_is_named(raw_dir, tmp_path):
 
 
 def test_a_3d_scan_saved_with_one_time_point_reads_as_3d(tmp_path, phantom_cases):
-    from covidseg.volumes import read_nifti
+    from covidseg.data.volumes import read_nifti
 
     case = phantom_cases[0]
     path = tmp_path / "scan.nii.gz"

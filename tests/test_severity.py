@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from covidseg.labels import INFECTION as INFECTION_ONLY
-from covidseg.labels import LUNG_INFECTION, whole_lungs
-from covidseg.severity import extent_grade, severity
+from covidseg.data.labels import INFECTION as INFECTION_ONLY
+from covidseg.data.labels import LUNG_INFECTION, whole_lungs
+from covidseg.reporting.severity import extent_grade, severity
 
 LEFT, RIGHT, INFECTION = 1, 2, 3
 

@@ -9,7 +9,7 @@ import pytest
 
 from covidseg import CovidSegError
 from covidseg.config import SplitParams
-from covidseg.splits import benchmark_fold, load_splits, make_split, make_splits, patient_of
+from covidseg.data.splits import benchmark_fold, load_splits, make_split, make_splits, patient_of
 
 ALL = [
     *(f"coronacases_{i:03d}" for i in range(1, 11)),

@@ -56,6 +56,6 @@ def test_stage_deps_match_imports(stage: str) -> None:
 
 
 def test_closure_follows_imports_transitively() -> None:
-    # stages/prepare.py imports covidseg.prepare, which imports covidseg.volumes
-    assert "covidseg/volumes.py" in closure(ROOT / "stages" / "prepare.py")
-    assert "covidseg/train.py" not in closure(ROOT / "stages" / "prepare.py")
+    # stages/prepare.py imports covidseg.data.prepare, which imports covidseg.data.volumes
+    assert "covidseg/data/volumes.py" in closure(ROOT / "stages" / "prepare.py")
+    assert "covidseg/training/train.py" not in closure(ROOT / "stages" / "prepare.py")

@@ -13,11 +13,11 @@ import torch
 import yaml
 
 from covidseg import CovidSegError
-from covidseg.augment import augment_slice
 from covidseg.config import AugmentParams, parse_params
-from covidseg.dataset import BalancedSampler, SliceDataset, sampling_weights
-from covidseg.model import build_model, check_model_names
-from covidseg.train import TrainPaths, fingerprint, train
+from covidseg.training.augment import augment_slice
+from covidseg.training.dataset import BalancedSampler, SliceDataset, sampling_weights
+from covidseg.training.model import build_model, check_model_names
+from covidseg.training.train import TrainPaths, fingerprint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -128,7 +128,7 @@ def test_training_is_repeatable_and_resume_skips_finished_epochs(
 def test_changing_runtime_settings_resumes_the_checkpoint(
     prepared, tmp_path, monkeypatch, capsys
 ) -> None:
-    import covidseg.train as training
+    import covidseg.training.train as training
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
@@ -207,8 +207,8 @@ def test_imagenet_weights_offline_is_one_clear_line(monkeypatch) -> None:
 
 
 def test_early_stopping_counts_epochs_without_improvement(tmp_path) -> None:
-    from covidseg.checkpoint import State
-    from covidseg.train import end_of_epoch
+    from covidseg.training.checkpoint import State
+    from covidseg.training.train import end_of_epoch
 
     params = parse_params({"train": {"early_stopping_patience": 2}})
     model = torch.nn.Conv2d(1, 1, 1)

@@ -13,19 +13,19 @@ import pytest
 import torch
 
 from covidseg.config import PrepareParams, SplitParams
-from covidseg.evaluate import predict_stored
-from covidseg.inference import InferenceOptions, predict_volume
-from covidseg.intensity import HU, UINT8, UINT8_WINDOW_HU, normalise
-from covidseg.labels import INFECTION, LUNG_INFECTION
-from covidseg.model import build_model
-from covidseg.modelio import ModelSpec, load_model, save_model
-from covidseg.predict import Predictor, segment_scan
-from covidseg.prepare import prepare_dataset
-from covidseg.resample import to_original_grid, to_square
-from covidseg.store import read_arrays, read_meta
-from covidseg.transforms import recipe_of, scan_input
-from covidseg.validation import dice, validate
-from covidseg.volumes import find_cases, read_nifti
+from covidseg.data.intensity import HU, UINT8, UINT8_WINDOW_HU, normalise
+from covidseg.data.labels import INFECTION, LUNG_INFECTION
+from covidseg.data.prepare import prepare_dataset
+from covidseg.data.resample import to_original_grid, to_square
+from covidseg.data.store import read_arrays, read_meta
+from covidseg.data.transforms import recipe_of, scan_input
+from covidseg.data.volumes import find_cases, read_nifti
+from covidseg.evaluation.evaluate import predict_stored
+from covidseg.inference.predict import Predictor, segment_scan
+from covidseg.inference.segment import InferenceOptions, predict_volume
+from covidseg.training.model import build_model
+from covidseg.training.modelio import ModelSpec, load_model, save_model
+from covidseg.training.validation import dice, validate
 
 SIZE = 64
 CPU = torch.device("cpu")
@@ -155,7 +155,7 @@ class Constant(torch.nn.Module):
 
 def test_validation_dice_of_known_masks() -> None:
     from covidseg.config import LossParams
-    from covidseg.losses import SegmentationLoss
+    from covidseg.training.losses import SegmentationLoss
 
     image = np.zeros((2, 8, 8), np.float16)
     image[0, :4, :4] = 1  # predicted: 16 voxels

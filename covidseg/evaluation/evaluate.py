@@ -20,19 +20,19 @@ from tqdm import tqdm
 
 from covidseg.atomic import atomic_dir, write_json_atomic, write_text_atomic
 from covidseg.config import Params
+from covidseg.data.labels import LEFT_LUNG, RIGHT_LUNG, LabelScheme, target_mask
+from covidseg.data.splits import load_splits
+from covidseg.data.store import CaseMeta, read_arrays, read_meta
+from covidseg.data.transforms import Grid
+from covidseg.data.volumes import CaseFiles, find_cases, load_case
 from covidseg.errors import CovidSegError
-from covidseg.figures import overlay_slices, per_case_bar, pick_slices, training_curves
-from covidseg.inference import InferenceOptions, Segmentation, segment
-from covidseg.labels import LEFT_LUNG, RIGHT_LUNG, LabelScheme, target_mask
-from covidseg.metrics import case_metrics, summarise
-from covidseg.model import resolve_device
-from covidseg.modelio import ModelSpec, load_model
-from covidseg.severity import severity
-from covidseg.splits import load_splits
-from covidseg.store import CaseMeta, read_arrays, read_meta
+from covidseg.evaluation.metrics import case_metrics, summarise
+from covidseg.inference.segment import InferenceOptions, Segmentation, segment
+from covidseg.reporting.figures import overlay_slices, per_case_bar, pick_slices, training_curves
+from covidseg.reporting.severity import severity
 from covidseg.tracking import Tracker
-from covidseg.transforms import Grid
-from covidseg.volumes import CaseFiles, find_cases, load_case
+from covidseg.training.model import resolve_device
+from covidseg.training.modelio import ModelSpec, load_model
 
 
 @dataclass(frozen=True)

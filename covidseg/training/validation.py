@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from covidseg.inference import autocast, probabilities
-from covidseg.losses import SegmentationLoss
-from covidseg.transforms import to_labels
+from covidseg.data.transforms import to_labels
+from covidseg.inference.segment import autocast, probabilities
+from covidseg.training.losses import SegmentationLoss
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:

@@ -24,10 +24,10 @@ import numpy as np
 
 from covidseg.atomic import atomic_dir, write_json_atomic, write_text_atomic
 from covidseg.config import Params
-from covidseg.ensemble import load_ensemble
 from covidseg.errors import CovidSegError
-from covidseg.figures import benchmark_figure
-from covidseg.metrics import METRIC_KEYS, summarise
+from covidseg.evaluation.metrics import METRIC_KEYS, summarise
+from covidseg.inference.ensemble import load_ensemble
+from covidseg.reporting.figures import benchmark_figure
 from covidseg.tracking import Tracker
 
 HEADLINE = ("dice", "nsd", "hd95")

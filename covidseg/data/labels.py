@@ -22,7 +22,7 @@ import numpy as np
 from scipy.ndimage import distance_transform_edt
 
 from covidseg.errors import CovidSegError
-from covidseg.volumes import INFECTION_ARCHIVE, LUNG_ARCHIVE, LUNG_INFECTION_ARCHIVE
+from covidseg.data.volumes import INFECTION_ARCHIVE, LUNG_ARCHIVE, LUNG_INFECTION_ARCHIVE
 
 BACKGROUND, LEFT_LUNG, RIGHT_LUNG = 0, 1, 2
 LUNG_INFECTION_VALUE = 3  # infection in Lung_and_Infection_Mask and in the lung_infection target

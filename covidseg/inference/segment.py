@@ -9,7 +9,7 @@ Three paths, chosen by `InferenceOptions.precision`:
   autocasts to bf16, `auto` does so on CUDA, and on a CPU only where bf16 measures faster than
   fp32 (`cpu_bf16_pays`);
 - `int8` (CPU only): a copy of the model quantized and checked on the scan's own slices
-  (`covidseg.quantize`), or the `fp32` path where that check fails.
+  (`covidseg.inference.quantize`), or the `fp32` path where that check fails.
 `InferenceOptions.crop` (off by default, any precision) runs each slice's body box only
 (`body_boxes`: the voxels above -500 HU, widened by S/16, aligned to the encoder stride),
 background outside: fewer pixels, but the network's answer moves with its field of view (README).
@@ -30,10 +30,10 @@ import torch
 from tqdm import tqdm
 
 from covidseg.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, PRECISIONS
+from covidseg.data.labels import LabelScheme
+from covidseg.data.transforms import Grid, body_boxes, body_level, labels_on_grid, to_labels
 from covidseg.errors import CovidSegError
-from covidseg.labels import LabelScheme
-from covidseg.quantize import calibration_slices, int8_available, quantize_int8, quiet
-from covidseg.transforms import Grid, body_boxes, body_level, labels_on_grid, to_labels
+from covidseg.inference.quantize import calibration_slices, int8_available, quantize_int8, quiet
 
 NCHW = ("fp32", "int8")  # contiguous on a CPU: the reference, and oneDNN's int8 kernels
 BF16_MIN_GAIN = 1.2  # `auto` takes bf16 on a CPU only where it is at least this much faster

@@ -21,15 +21,15 @@ import torch
 from tqdm import tqdm
 
 from covidseg.atomic import atomic_file, write_json_atomic
-from covidseg.ensemble import is_ensemble_folder, load_ensemble
+from covidseg.data.transforms import scan_input
+from covidseg.data.volumes import Volume, case_name, read_nifti, to_disk_orientation
 from covidseg.errors import CovidSegError
-from covidseg.figures import pick_slices, report_page
-from covidseg.inference import InferenceOptions, Segmentation, segment, uses_bf16
-from covidseg.model import resolve_device
-from covidseg.modelio import ModelSpec, load_model
-from covidseg.severity import severity
-from covidseg.transforms import scan_input
-from covidseg.volumes import Volume, case_name, read_nifti, to_disk_orientation
+from covidseg.inference.ensemble import is_ensemble_folder, load_ensemble
+from covidseg.inference.segment import InferenceOptions, Segmentation, segment, uses_bf16
+from covidseg.reporting.figures import pick_slices, report_page
+from covidseg.reporting.severity import severity
+from covidseg.training.model import resolve_device
+from covidseg.training.modelio import ModelSpec, load_model
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 
 from covidseg.atomic import atomic_dir
+from covidseg.data.labels import LabelScheme, scheme_for
+from covidseg.data.transforms import Recipe
 from covidseg.errors import CovidSegError
-from covidseg.labels import LabelScheme, scheme_for
-from covidseg.model import build_model
-from covidseg.transforms import Recipe
+from covidseg.training.model import build_model
 
 
 @dataclass(frozen=True)

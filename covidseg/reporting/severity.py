@@ -1,6 +1,6 @@
 """Severity numbers radiologists grade by: lesion volume, lung volumes, share of each lung infected.
 
-Labels follow the model's scheme (`covidseg.labels`). With lung labels, each infection voxel is
+Labels follow the model's scheme (`covidseg.data.labels`). With lung labels, each infection voxel is
 given the side of the nearest lung voxel, so a lung's volume includes its infected part.
 """
 
@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from covidseg.labels import LEFT_LUNG, RIGHT_LUNG, LabelScheme, whole_lungs
+from covidseg.data.labels import LEFT_LUNG, RIGHT_LUNG, LabelScheme, whole_lungs
 
 GRADE_BOUNDS = (25.0, 50.0, 75.0)  # % of a lung: 1 under 25, 2 25-50, 3 50-75, 4 over 75
 

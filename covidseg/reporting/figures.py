@@ -28,7 +28,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from covidseg.atomic import atomic_file
-from covidseg.labels import INFECTION, LUNG_INFECTION, LabelScheme
+from covidseg.data.labels import INFECTION, LUNG_INFECTION, LabelScheme
 
 DPI = 100
 PANEL_INCHES = 4.0  # overlay panel side

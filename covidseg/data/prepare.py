@@ -9,12 +9,12 @@ from tqdm import tqdm
 
 from covidseg.atomic import atomic_dir, write_json_atomic
 from covidseg.config import PrepareParams, SplitParams
-from covidseg.labels import scheme_for, target_mask
-from covidseg.resample import resized_spacing, to_square
-from covidseg.splits import make_splits
-from covidseg.store import CaseMeta, write_store
-from covidseg.transforms import model_input, recipe_of
-from covidseg.volumes import CaseFiles, find_cases, load_case
+from covidseg.data.labels import scheme_for, target_mask
+from covidseg.data.resample import resized_spacing, to_square
+from covidseg.data.splits import make_splits
+from covidseg.data.store import CaseMeta, write_store
+from covidseg.data.transforms import model_input, recipe_of
+from covidseg.data.volumes import CaseFiles, find_cases, load_case
 
 
 def prepare_case(files: CaseFiles, params: PrepareParams) -> tuple[dict[str, np.ndarray], CaseMeta]:

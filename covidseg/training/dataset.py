@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from covidseg.augment import augment_slice
 from covidseg.config import AugmentParams
-from covidseg.store import read_meta
+from covidseg.data.store import read_meta
+from covidseg.training.augment import augment_slice
 
 
 class SliceDataset(Dataset):

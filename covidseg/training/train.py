@@ -27,22 +27,22 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from covidseg.atomic import atomic_file, write_json_atomic, write_text_atomic
-from covidseg.augment import DrawnSlices
-from covidseg.checkpoint import State, load_checkpoint, save_checkpoint
 from covidseg.config import Params
-from covidseg.dataset import BalancedSampler, SliceDataset
+from covidseg.data.labels import LabelScheme, scheme_for
+from covidseg.data.splits import load_splits
+from covidseg.data.store import read_arrays
+from covidseg.data.transforms import recipe_of
 from covidseg.errors import CovidSegError
-from covidseg.inference import autocast
-from covidseg.labels import LabelScheme, scheme_for
-from covidseg.losses import SegmentationLoss
-from covidseg.model import build_model, resolve_device
-from covidseg.modelio import ModelSpec, non_finite_count, save_model
-from covidseg.splits import load_splits
+from covidseg.inference.segment import autocast
 from covidseg.stage import check_interrupt
-from covidseg.store import read_arrays
 from covidseg.tracking import Tracker
-from covidseg.transforms import recipe_of
-from covidseg.validation import validate
+from covidseg.training.augment import DrawnSlices
+from covidseg.training.checkpoint import State, load_checkpoint, save_checkpoint
+from covidseg.training.dataset import BalancedSampler, SliceDataset
+from covidseg.training.losses import SegmentationLoss
+from covidseg.training.model import build_model, resolve_device
+from covidseg.training.modelio import ModelSpec, non_finite_count, save_model
+from covidseg.training.validation import validate
 
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds")
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from covidseg.errors import CovidSegError
-from covidseg.modelio import ModelSpec, load_model
+from covidseg.training.modelio import ModelSpec, load_model
 
 FOLD_PREFIX = "fold-"
 EPS = 1e-7

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from covidseg.config import PrepareParams
-from covidseg.intensity import check_encoding, normalise
-from covidseg.resample import to_original_grid, to_square
-from covidseg.volumes import Volume, check_finite, reorient
+from covidseg.data.intensity import check_encoding, normalise
+from covidseg.data.resample import to_original_grid, to_square
+from covidseg.data.volumes import Volume, check_finite, reorient
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from covidseg.config import AugmentParams
-from covidseg.labels import LUNG_INFECTION
+from covidseg.data.labels import LUNG_INFECTION
 
 if TYPE_CHECKING:
-    from covidseg.dataset import SliceDataset
+    from covidseg.training.dataset import SliceDataset
 
 
 def _affine_theta(angle_deg: float, scale: float) -> torch.Tensor:

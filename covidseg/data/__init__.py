@@ -1,0 +1,1 @@
+"""Reading the archives and making the HDF5 slice stores."""

@@ -1,0 +1,1 @@
+"""Per-case 3D metrics, the cross-validation table and its report."""

@@ -1,0 +1,1 @@
+"""Running a model on whole volumes: segment, int8, ensembles, predict."""

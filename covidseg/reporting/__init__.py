@@ -1,0 +1,1 @@
+"""Figures and the severity report, shared by evaluate and predict."""

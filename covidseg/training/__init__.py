@@ -1,0 +1,1 @@
+"""The model, its folder format, and training."""
