@@ -23,8 +23,10 @@ import torch
 from _report import load_note, machine_note, table
 
 from covidseg.data.volumes import read_nifti, reorient
+from covidseg.inference.crop import crop_boxes
 from covidseg.inference.predict import load_predictor, segment_scan
-from covidseg.inference.segment import InferenceOptions, crop_boxes, uses_bf16
+from covidseg.inference.segment import InferenceOptions
+from covidseg.precision import uses_bf16
 from covidseg.training.validation import dice
 
 

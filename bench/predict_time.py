@@ -32,14 +32,11 @@ from _synth import make_phantom, window, write_nifti
 
 import covidseg.inference.quantize as quantize
 from covidseg.data.resample import to_square
+from covidseg.inference.crop import crop_boxes
+from covidseg.inference.paths import predict_scan
 from covidseg.inference.predict import load_predictor, predict_many
-from covidseg.inference.segment import (
-    InferenceOptions,
-    crop_boxes,
-    default_batch_size,
-    predict_volume,
-    uses_bf16,
-)
+from covidseg.inference.segment import InferenceOptions, default_batch_size
+from covidseg.precision import uses_bf16
 from covidseg.training.model import build_model
 from covidseg.training.modelio import ModelSpec, save_model
 
@@ -108,7 +105,7 @@ def timing(
         for precision, batch, crop in variants:
             options = InferenceOptions(batch_size=batch, precision=precision, crop=crop)
             wall, cpu_s, _ = timed_cpu(
-                lambda o=options: predict_volume(model, image, cpu, options=o, hu_window=HU_WINDOW)
+                lambda o=options: predict_scan(model, image, cpu, options=o, hu_window=HU_WINDOW)
             )
             name = f"bare {precision}, batch {batch}" + (", body crop" if crop else "")
             rows.append((name, wall, cpu_s, wall / slices))

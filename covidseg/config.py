@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,10 +28,10 @@ ZENODO_SHA256 = {  # as published for record 3757476
     ),
 }
 BENCHMARK_FOLDS = 5  # the dataset authors' Task 1 folds, either protocol
-PRECISIONS = ("auto", "fp32", "bf16", "int8")  # inference paths (README, "Fast inference")
 CPU_BATCH_SIZE = 2  # slices per forward pass of `predict` on a CPU: the fastest per slice there
 GPU_BATCH_SIZE = 8
-Precision = Literal["auto", "fp32", "bf16", "int8"]
+Precision = Literal["auto", "fp32", "bf16", "int8"]  # inference paths (README, "Fast inference")
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 PositiveFloat = Annotated[float, Field(gt=0)]
 

@@ -42,7 +42,9 @@ MODEL_NAME = "model"  # the model's name inside its run
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a run under its parent
 KEY_TAG = "covidseg.cv_key"  # the cross-validation a parent run stands for
 FOLD_TAG = "covidseg.fold"
-NOT_LOGGED = ("runtime.", "split.folds")  # how to run, and which folds: not what a fold computes
+# how to run, which folds, and where to record: not what a fold computes (nor params of its
+# stages: renaming the experiment or the alias retrains nothing)
+NOT_LOGGED = ("runtime.", "split.folds", "tracking.")
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 # Set for stage commands by `dvc exp run` (dvc/repo/experiments/queue/base.py).
 DVC_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev"}

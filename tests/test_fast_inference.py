@@ -15,20 +15,16 @@ import pytest
 import torch
 from test_transforms import model_dir, stores  # noqa: F401 (fixtures)
 
-import covidseg.inference.segment as inference
+import covidseg.precision as precision
 from covidseg.data.store import read_arrays, read_meta
-from covidseg.data.transforms import STRIDE, body_boxes, body_level, to_labels
+from covidseg.data.transforms import to_labels
 from covidseg.data.volumes import find_cases, read_nifti
 from covidseg.evaluation.evaluate import predict_stored
+from covidseg.inference.crop import STRIDE, body_boxes, body_level, crop_boxes
+from covidseg.inference.paths import predict_scan
 from covidseg.inference.predict import Predictor, segment_scan
-from covidseg.inference.segment import (
-    InferenceOptions,
-    cpu_bf16_pays,
-    crop_boxes,
-    predict_volume,
-    probabilities,
-    uses_bf16,
-)
+from covidseg.inference.segment import InferenceOptions, predict_volume
+from covidseg.precision import cpu_bf16_pays, probabilities, uses_bf16
 from covidseg.training.model import build_model
 from covidseg.training.modelio import load_model
 
@@ -39,7 +35,7 @@ AIR = (-1024 - WINDOW[0]) / (WINDOW[1] - WINDOW[0])  # ~0.15, what the phantoms'
 
 @pytest.mark.parametrize("pays", [True, False])
 def test_auto_picks_bf16_where_it_pays(monkeypatch, pays: bool) -> None:
-    monkeypatch.setattr(inference, "cpu_bf16_pays", lambda: pays)
+    monkeypatch.setattr(precision, "cpu_bf16_pays", lambda: pays)
     assert uses_bf16(CPU, "auto") is pays
     assert uses_bf16(torch.device("cuda"), "auto")
     assert uses_bf16(CPU, "bf16") and not uses_bf16(torch.device("cuda"), "fp32")
@@ -60,8 +56,8 @@ def test_bf16_pays_only_where_native_and_measured_faster(
         calls.append(bf16)
         return bf16_s if bf16 else fp32_s
 
-    monkeypatch.setattr(inference, "cpu_runs_bf16", lambda: native)
-    monkeypatch.setattr(inference, "_best_time", timed)
+    monkeypatch.setattr(precision, "cpu_runs_bf16", lambda: native)
+    monkeypatch.setattr(precision, "_best_time", timed)
     cpu_bf16_pays.cache_clear()
     try:
         assert cpu_bf16_pays() is expected
@@ -73,7 +69,7 @@ def test_bf16_pays_only_where_native_and_measured_faster(
 def test_the_calibration_leaves_the_random_stream_alone(monkeypatch) -> None:
     torch.manual_seed(0)
     expected = torch.rand(3)
-    monkeypatch.setattr(inference, "cpu_runs_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_runs_bf16", lambda: True)
     cpu_bf16_pays.cache_clear()
     try:
         torch.manual_seed(0)
@@ -140,7 +136,7 @@ def test_fp32_is_todays_whole_slice_path() -> None:
     image = np.full((5, 64, 64), AIR, np.float16)
     image[:, 20:40, 24:44] = 0.9
     options = InferenceOptions(batch_size=2, precision="fp32")
-    got = predict_volume(model, image, CPU, options=options, hu_window=WINDOW)
+    got = predict_scan(model, image, CPU, options=options, hu_window=WINDOW)
     assert np.array_equal(got, OldLoop.run(model, image, 2))
 
 
@@ -168,8 +164,8 @@ def test_crop_gives_the_whole_slice_answer_inside_and_background_outside(classes
     model = Pointwise(classes)
     whole = InferenceOptions(precision="fp32", crop=False, batch_size=2)
     cropped = InferenceOptions(precision="fp32", crop=True, batch_size=2)
-    full = predict_volume(model, image, CPU, options=whole, hu_window=WINDOW)
-    fast = predict_volume(model, image, CPU, options=cropped, hu_window=WINDOW)
+    full = predict_scan(model, image, CPU, options=whole, hu_window=WINDOW)
+    fast = predict_scan(model, image, CPU, options=cropped, hu_window=WINDOW)
     boxes = crop_boxes(image, cropped, WINDOW)
     inside = np.zeros(image.shape, bool)
     for z, (r0, r1, c0, c1) in enumerate(boxes):
@@ -230,7 +226,7 @@ def test_fast_path_labels_agree_with_fp32_on_a_trained_model(stores) -> None:  #
     fp32 = predict_volume(model, images, CPU, options=whole)
     ref = to_labels(fp32, 0.5)
     assert ((ref > 0) == masks).mean() >= 0.99  # a real test: the model found the lungs
-    fast = predict_volume(
+    fast = predict_scan(
         model, images, CPU, options=InferenceOptions(precision="bf16", crop=True), hu_window=WINDOW
     )
     got = to_labels(fast, 0.5)
@@ -243,7 +239,7 @@ def test_fast_path_labels_agree_with_fp32_on_a_trained_model(stores) -> None:  #
     wide[:, 64:128, 64:128] = images
     boxes = crop_boxes(wide, InferenceOptions(crop=True), WINDOW)
     assert ((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2]) < 192**2).all()
-    fast = predict_volume(
+    fast = predict_scan(
         model, wide, CPU, options=InferenceOptions(precision="bf16", crop=True), hu_window=WINDOW
     )
     wide_labels = to_labels(fast, 0.5)

@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from covidseg.config import AugmentParams, LossParams, parse_params
-from covidseg.training.augment import DrawnSlices, augment_batch, augment_slice, draw
-from covidseg.training.dataset import BalancedSampler, SliceDataset
+from covidseg.training.augment import augment_batch, augment_slice, draw
+from covidseg.training.dataset import BalancedSampler, DrawnSlices, SliceDataset
 from covidseg.training.losses import SegmentationLoss
 from covidseg.training.model import build_model
 from covidseg.training.train import LossMeter, _forward_loss, device_batch, forward_loss

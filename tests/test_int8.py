@@ -15,7 +15,8 @@ import covidseg.inference.quantize as quantize
 from covidseg import CovidSegError
 from covidseg.data.store import read_arrays
 from covidseg.data.transforms import to_labels
-from covidseg.inference.segment import InferenceOptions, predict_volume
+from covidseg.inference.paths import predict_scan
+from covidseg.inference.segment import InferenceOptions
 from covidseg.training.model import build_model
 
 pytestmark = pytest.mark.skipif(not quantize.int8_available(), reason="no oneDNN int8 engine")
@@ -30,7 +31,7 @@ def trained(stores):  # noqa: F811
     images = np.concatenate([a["image"] for a in arrays])
     masks = np.concatenate([a["mask"] for a in arrays]) > 0
     model = _train_tiny(images, masks, steps=60, arch="UnetPlusPlus")
-    ref = to_labels(predict_volume(model, images, CPU, options=FP32), 0.5)
+    ref = to_labels(predict_scan(model, images, CPU, options=FP32), 0.5)
     assert ((ref > 0) == masks).mean() >= 0.99  # the model found the lungs
     return model, images, ref
 
@@ -38,13 +39,13 @@ def trained(stores):  # noqa: F811
 def test_int8_labels_agree_with_fp32_on_a_trained_model(trained, capsys) -> None:
     model, images, ref = trained
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    got = to_labels(predict_volume(model, images, CPU, options=INT8), 0.5)
+    got = to_labels(predict_scan(model, images, CPU, options=INT8), 0.5)
     assert "warning" not in capsys.readouterr().err  # int8 ran, no fallback
     assert (got == ref).mean() >= 0.995
     assert abs(int(got.sum()) - int(ref.sum())) <= 0.01 * ref.sum()
     assert not np.array_equal(  # and it is another computation than fp32's
-        predict_volume(model, images, CPU, options=INT8),
-        predict_volume(model, images, CPU, options=FP32),
+        predict_scan(model, images, CPU, options=INT8),
+        predict_scan(model, images, CPU, options=FP32),
     )
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the model is untouched
@@ -69,9 +70,9 @@ def test_the_copy_is_int8_but_the_full_resolution_blocks_and_head(trained) -> No
 def test_int8_falls_back_to_fp32_where_the_bar_is_missed(trained, monkeypatch, capsys) -> None:
     model, images, _ = trained
     monkeypatch.setattr(quantize, "MAX_LABEL_CHANGE", -1.0)  # nothing can pass
-    int8 = predict_volume(model, images, CPU, options=INT8)
+    int8 = predict_scan(model, images, CPU, options=INT8)
     assert "running it in fp32" in capsys.readouterr().err
-    fp32 = predict_volume(model, images, CPU, options=FP32)
+    fp32 = predict_scan(model, images, CPU, options=FP32)
     np.testing.assert_array_equal(int8, fp32)  # exactly fp32, not a half-quantized model
 
 
@@ -86,7 +87,7 @@ def test_int8_runs_on_a_cpu_only() -> None:
     model = build_model("Unet", "resnet18", None, 1)
     image = np.full((2, 64, 64), AIR, np.float32)
     with pytest.raises(CovidSegError, match="int8 runs on a CPU only"):
-        predict_volume(model, image, torch.device("cuda"), options=INT8)
+        predict_scan(model, image, torch.device("cuda"), options=INT8)
 
 
 def test_the_bar_on_the_calibration_slices() -> None:

@@ -25,7 +25,7 @@ import torch
 from phantoms import AIR_HU, BODY_HU, LESION_HU, LUNG_HU, PhantomCase, hu_to_uint8
 from PIL import Image
 
-import covidseg.inference.segment as inference
+import covidseg.precision as precision_module
 from covidseg import CovidSegError
 from covidseg.cli import main
 from covidseg.config import Params
@@ -395,14 +395,14 @@ def test_mlflow_model_uri_gives_the_folder_models_labels(
     scan = write_scan(tmp_path / "radiopaedia_4_85506_1.nii.gz", case.image, case.affine, (1, 1))
 
     # a logged (exported) model never runs bf16; `auto` without bf16 gives it channels_last
-    monkeypatch.setattr(inference, "cpu_bf16_pays", lambda: False)
+    monkeypatch.setattr(precision_module, "cpu_bf16_pays", lambda: False)
     runs = ((str(unet_folder), "folder", "fp32"), (uri, "mlflow", "fp32"), (uri, "fast", "auto"))
     for model_ref, out, precision in runs:
         args = ["--model", model_ref, "-o", out, "--device", "cpu", "--precision", precision]
         code = main(["predict", str(scan), *args])
         assert code == 0
     assert load_predictor(uri, "cpu").options.precision == "auto"
-    monkeypatch.setattr(inference, "cpu_bf16_pays", lambda: True)
+    monkeypatch.setattr(precision_module, "cpu_bf16_pays", lambda: True)
     assert load_predictor(uri, "cpu").options.precision == "fp32"
     with pytest.raises(CovidSegError, match="int8 needs a model folder"):
         load_predictor(uri, "cpu", InferenceOptions(precision="int8"))

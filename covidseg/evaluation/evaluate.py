@@ -119,17 +119,16 @@ def predict_stored(
     options: InferenceOptions,
     device: torch.device,
 ) -> Segmentation:
-    """Labels of one prepared case's stored image, through the inference path of `predict`."""
+    """Labels of one prepared case's stored image, through the inference path of `predict`
+    (`evaluate` never crops; under `evaluate.precision: int8` it takes predict's int8 path,
+    imported only then: see `covidseg.inference.paths`)."""
     _, rows, cols = meta.original_shape
-    return segment(
-        model,
-        image,
-        Grid(rows, cols),
-        scheme=spec.scheme,
-        options=options,
-        device=device,
-        hu_window=spec.recipe.hu_window,
-    )
+    grid = Grid(rows, cols)
+    if options.precision == "int8":
+        from covidseg.inference.paths import segment_scan
+
+        return segment_scan(model, image, grid, scheme=spec.scheme, options=options, device=device)
+    return segment(model, image, grid, scheme=spec.scheme, options=options, device=device)
 
 
 def evaluate_case(

@@ -24,8 +24,10 @@ from covidseg.atomic import atomic_file, write_json_atomic
 from covidseg.data.transforms import scan_input
 from covidseg.data.volumes import Volume, case_name, read_nifti, to_disk_orientation
 from covidseg.errors import CovidSegError
+from covidseg.inference import paths
 from covidseg.inference.ensemble import is_ensemble_folder, load_ensemble
-from covidseg.inference.segment import InferenceOptions, Segmentation, segment, uses_bf16
+from covidseg.inference.segment import InferenceOptions, Segmentation
+from covidseg.precision import uses_bf16
 from covidseg.reporting.figures import pick_slices, report_page
 from covidseg.reporting.severity import severity
 from covidseg.training.model import resolve_device
@@ -98,7 +100,7 @@ def segment_scan(
 ) -> tuple[Segmentation, np.ndarray, Volume]:
     """(labels on both grids, the model input, the canonical volume) of a scan read from disk."""
     prepared, volume = scan_input(data, affine, case, predictor.spec.recipe)
-    seg = segment(
+    seg = paths.segment_scan(
         predictor.model,
         prepared.image,
         prepared.grid,

@@ -21,10 +21,10 @@ quantization itself is torch's.
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,13 +34,19 @@ from torch.ao.quantization.observer import HistogramObserver
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 from torch.fx.proxy import TraceError
 
+from covidseg.data.transforms import to_labels
+from covidseg.errors import CovidSegError
+from covidseg.inference.segment import InferenceOptions
+from covidseg.precision import has_vnni, probabilities
+
+log = logging.getLogger(__name__)
+
 ENGINE = "onednn"  # 8-bit activations where the CPU has VNNI, 7 bits without (`has_vnni`)
 CALIBRATION_SLICES = 8
 FP32_DECODER_BLOCKS = "blocks.x_0_"  # UNet++'s full-resolution column stays fp32
 KEPT_ATTRIBUTES = ("output_stride", "out_channels")  # encoder attributes SMP's forward reads
 MAX_LABEL_CHANGE = 0.005  # the README's bar: 99.5 % of voxels equal ...
 MAX_VOLUME_CHANGE = 0.01  # ... and the positive volume within 1 %
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # /proc/cpuinfo's names
 HISTOGRAM_STRIDE = 7  # the histogram sees every 7th activation (odd: no aliasing with rows)
 QUIET = ("quantize_per_tensor", "cat operator", "reduce_range", "quant_min")  # torch's warnings
 
@@ -50,16 +56,6 @@ Labeller = Callable[[torch.Tensor], np.ndarray]  # logits -> labels
 def int8_available() -> bool:
     """Whether this torch has the oneDNN int8 engine."""
     return ENGINE in torch.backends.quantized.supported_engines
-
-
-def has_vnni() -> bool:
-    """Whether the CPU multiplies 8-bit integers without an int16 intermediate (VNNI or AMX);
-    without it (AVX2, AVX-512F) full-range 8-bit activations saturate, so they keep 7 bits."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False  # not Linux: the safe, 7-bit choice
-    return any(flag in flags for flag in VNNI_FLAGS)
 
 
 @contextmanager
@@ -171,3 +167,42 @@ def quantize_int8(
             setattr(net, name, _keep_attributes(convert_fx(observed), observed))
         labels = np.concatenate([labeller(quantized(batch)) for batch in batches])
     return quantized if agrees(reference, labels) else None
+
+
+class Quiet(torch.nn.Module):
+    """An int8 network that runs without torch's warnings about quantized tensors."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with quiet():
+            out: torch.Tensor = self.net(x)
+        return out
+
+
+def int8_model(
+    model: torch.nn.Module, image: np.ndarray, device: torch.device, options: InferenceOptions
+) -> torch.nn.Module:
+    """An int8 copy of `model` calibrated on a few slices of `image`; `model` itself (then run
+    exactly as `fp32`) where that missed the agreement bar on those slices."""
+    if device.type != "cpu":
+        raise CovidSegError(f"precision int8 runs on a CPU only, not on {device.type}")
+    if not int8_available():
+        raise CovidSegError("precision int8: this torch has no oneDNN int8 engine")
+    picked = np.asarray(image[calibration_slices(image)], np.float32)
+
+    def labeller(logits: torch.Tensor) -> np.ndarray:
+        return to_labels(probabilities(logits).permute(1, 0, 2, 3).numpy(), options.threshold)
+
+    quantized = quantize_int8(
+        model, torch.from_numpy(picked)[:, None], labeller=labeller, batch_size=options.batch_size
+    )
+    if quantized is None:
+        log.warning(
+            "int8 missed the agreement bar on this scan's calibration slices (or the model has "
+            "no part it can quantize); running it in fp32"
+        )
+        return model
+    return Quiet(quantized)

@@ -3,7 +3,7 @@
 Each call takes its own seeded generator, so a slice's augmentation depends only on
 (train seed, epoch, draw), never on worker count or scheduling: runs repeat exactly.
 
-On CUDA the same transforms run on whole batches on the device: `DrawnSlices` makes the
+On CUDA the same transforms run on whole batches on the device: `dataset.DrawnSlices` makes the
 loader read slices and draw each slice's parameters from its seeded generator (same calls,
 same order as `augment_slice`), and `augment_batch` applies them to the batch on the device.
 """
@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from covidseg.config import AugmentParams
 from covidseg.data.labels import LUNG_INFECTION
-
-if TYPE_CHECKING:
-    from covidseg.training.dataset import SliceDataset
 
 
 def _affine_theta(angle_deg: float, scale: float) -> torch.Tensor:
@@ -108,10 +103,12 @@ def augment_slice(
 def _flip_batch(
     image: torch.Tensor, mask: torch.Tensor, flip: torch.Tensor, sided: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mirror the slices whose `flip` is set; sided masks swap left (1) and right (2)."""
+    """Mirror the slices whose `flip` is set; sided masks swap their labels by the lung scheme's
+    mirror map (left <-> right lung)."""
     mirrored = mask.flip(-1)
     if sided:
-        mirrored = mirrored + (mirrored == 1).to(mask.dtype) - (mirrored == 2).to(mask.dtype)
+        swap = torch.as_tensor(SIDE_SWAP, device=mask.device)
+        mirrored = swap[mirrored.long()].to(mask.dtype)
     image = torch.where(flip[:, None, None, None], image.flip(-1), image)
     return image, torch.where(flip[:, None, None], mirrored, mask)
 
@@ -146,29 +143,3 @@ def augment_batch(
         contrast, shift = rows[:, 7, None, None, None], rows[:, 8, None, None, None]
         image = ((image - 0.5) * contrast + 0.5 + shift).clamp(0.0, 1.0)
     return image, mask
-
-
-class DrawnSlices(Dataset):
-    """A `SliceDataset` read plain, each item with its slice's `Draw.row` for `augment_batch`.
-
-    The draws come from the same seeded generator as the dataset's own augmentation, so a
-    sampler's `(index, seed)` means the same transform on either path.
-    """
-
-    def __init__(self, base: SliceDataset, params: AugmentParams) -> None:
-        self.base, self.params, self.sided = base, params, base.sided
-        self.positive = base.positive
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        index, seed = item
-        image, mask = self.base[index]  # a plain index: read, not augmented
-        return image, mask, draw(self.params, np.random.default_rng(seed)).row()
-
-    def apply(
-        self, image: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augment a collated batch (already on its device)."""
-        return augment_batch(image, mask, rows, self.params, sided=self.sided)

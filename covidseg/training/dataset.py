@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Sampler
 
 from covidseg.config import AugmentParams
 from covidseg.data.store import read_meta
-from covidseg.training.augment import augment_slice
+from covidseg.training.augment import augment_batch, augment_slice, draw
 
 
 class SliceDataset(Dataset):
@@ -111,3 +111,29 @@ class BalancedSampler(Sampler):
         seeds = rng.integers(0, 2**31 - 1, size=total)
         for i in range(self.rank, total, self.world_size):
             yield int(draws[i]), int(seeds[i])
+
+
+class DrawnSlices(Dataset):
+    """A `SliceDataset` read plain, each item with its slice's `Draw.row` for `augment_batch`.
+
+    The draws come from the same seeded generator as the dataset's own augmentation, so a
+    sampler's `(index, seed)` means the same transform on either path.
+    """
+
+    def __init__(self, base: SliceDataset, params: AugmentParams) -> None:
+        self.base, self.params, self.sided = base, params, base.sided
+        self.positive = base.positive
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index, seed = item
+        image, mask = self.base[index]  # a plain index: read, not augmented
+        return image, mask, draw(self.params, np.random.default_rng(seed)).row()
+
+    def apply(
+        self, image: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment a collated batch (already on its device)."""
+        return augment_batch(image, mask, rows, self.params, sided=self.sided)

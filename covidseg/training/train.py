@@ -33,12 +33,11 @@ from covidseg.data.splits import load_splits
 from covidseg.data.store import read_arrays
 from covidseg.data.transforms import recipe_of
 from covidseg.errors import CovidSegError
-from covidseg.inference.segment import autocast
+from covidseg.precision import autocast
 from covidseg.stage import check_interrupt
 from covidseg.tracking import Tracker
-from covidseg.training.augment import DrawnSlices
 from covidseg.training.checkpoint import State, load_checkpoint, save_checkpoint
-from covidseg.training.dataset import BalancedSampler, SliceDataset
+from covidseg.training.dataset import BalancedSampler, DrawnSlices, SliceDataset
 from covidseg.training.losses import SegmentationLoss
 from covidseg.training.model import build_model, resolve_device
 from covidseg.training.modelio import ModelSpec, non_finite_count, save_model

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from covidseg.data.transforms import to_labels
-from covidseg.inference.segment import autocast, probabilities
+from covidseg.precision import autocast, probabilities
 from covidseg.training.losses import SegmentationLoss
 
 
