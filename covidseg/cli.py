@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
 
 from covidseg import __version__
 from covidseg.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, PRECISIONS
 from covidseg.errors import CovidSegError
+from covidseg.log import configure
+
+log = logging.getLogger(__name__)
 
 
 def _positive_int(text: str) -> int:
@@ -82,19 +90,26 @@ def run_predict(args: argparse.Namespace) -> int:
         crop=args.crop,
     )
     predictor = load_predictor(args.model, args.device, options)
-    failures = predict_many(predictor, args.inputs, args.output)
+    failures = predict_many(predictor, args.inputs, args.output, on_result=show_result)
     return 1 if failures else 0
+
+
+def show_result(report: dict[str, Any]) -> None:
+    """One scan's result line: its case and the headline of its severity report."""
+    summary = {k: report[k] for k in ("lesion_volume_ml", "slices_involved")}
+    tqdm.write(f"{report['case']}: {json.dumps(summary)}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    configure()
     try:
         return run_predict(args)
     except CovidSegError as error:
-        print(f"error: {error}", file=sys.stderr)
+        log.error("%s", error)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        log.error("interrupted")
         return 130
 
 

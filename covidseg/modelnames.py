@@ -10,11 +10,15 @@ report; after upgrading either, regenerate it with `python -m covidseg.modelname
 from __future__ import annotations
 
 import json
+import logging
 from functools import cache
 from importlib import resources
 from pathlib import Path
 
 from covidseg.errors import CovidSegError
+from covidseg.log import configure
+
+log = logging.getLogger(__name__)
 
 RESOURCE = "model_names.json"
 TIMM_PREFIX = "tu-"
@@ -75,8 +79,9 @@ def main() -> None:
     """Write the shipped list from the installed packages."""
     path = Path(str(resources.files("covidseg") / "resources" / RESOURCE))
     path.write_text(json.dumps(live_names(), indent=0) + "\n")
-    print(f"wrote {path}")
+    log.info("wrote %s", path)
 
 
 if __name__ == "__main__":
+    configure()
     main()

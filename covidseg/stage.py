@@ -1,7 +1,8 @@
-"""What every stage script shares: one-line errors and an exit code."""
+"""What every stage script shares: one-line messages, one-line errors and an exit code."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
@@ -9,6 +10,9 @@ from collections.abc import Callable
 from types import FrameType
 
 from covidseg.errors import CovidSegError
+from covidseg.log import configure
+
+log = logging.getLogger(__name__)
 
 INTERRUPTED = threading.Event()  # set by SIGINT / SIGTERM, for `check_interrupt`
 
@@ -28,13 +32,14 @@ def check_interrupt() -> None:
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's `main`; a `CovidSegError` becomes `error: ...` on stderr and exit code 1,
     and SIGTERM (a timeout, `dvc queue kill`) is handled as Ctrl-C."""
+    configure()
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()
     except CovidSegError as error:
-        print(f"error: {error}", file=sys.stderr)
+        log.error("%s", error)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        log.error("interrupted")
         sys.exit(130)

@@ -13,10 +13,10 @@ import copy
 import hashlib
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,14 +29,15 @@ import torch
 from covidseg.config import Params, flatten
 from covidseg.errors import CovidSegError
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 T = TypeVar("T")
 
 WARNING = (
-    "warning: MLflow tracking failed ({reason}); continuing without it: "
-    "the files under metrics/ are the record"
+    "MLflow tracking failed (%s); continuing without it: the files under metrics/ are the record"
 )
 MODEL_NAME = "model"  # the model's name inside its run
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a run under its parent
@@ -249,7 +250,7 @@ class Tracker:
         except Exception as error:
             self._off = True
             reason = _short(error, self._uri)
-            print(WARNING.format(reason=reason), file=sys.stderr, flush=True)
+            log.warning(WARNING, reason)
             return default
 
     def _end(self, status: str) -> None:
@@ -365,10 +366,7 @@ class Tracker:
                 raise
             run = None
         if run is None or run.info.lifecycle_stage == "deleted":
-            print(
-                f"note: MLflow run {run_id} is not in this store; starting a new one",
-                file=sys.stderr,
-            )
+            log.info("MLflow run %s is not in this store; starting a new one", run_id)
             return False
         flat = run_params(params)
         known = run.data.params
@@ -376,10 +374,8 @@ class Tracker:
         exp_name = tags.get("dvc.exp_name")
         if diverged or (exp_name and run.data.tags.get("dvc.exp_name", exp_name) != exp_name):
             # e.g. only evaluate reran, in another experiment: a run of its own, linked back
-            print(
-                f"note: MLflow run {run_id} was made with other params; starting a new "
-                "run linked to it",
-                file=sys.stderr,
+            log.info(
+                "MLflow run %s was made with other params; starting a new run linked to it", run_id
             )
             tags["covidseg.train_run_id"] = run_id
             return False

@@ -10,6 +10,15 @@ from mirror_server import Mirror, MirrorServer
 from phantoms import PhantomCase, default_cases, write_archives
 
 
+@pytest.fixture(scope="session", autouse=True)
+def messages_as_the_command_line_shows_them() -> None:
+    """The package's log lines on stderr (`error: ...`), as the stage runner and the CLI set
+    them up, also for library calls made in-process by tests."""
+    from covidseg.log import configure
+
+    configure()
+
+
 @pytest.fixture(scope="session")
 def phantom_cases() -> list[PhantomCase]:
     """The two default phantoms (read-only arrays, so sharing them is safe)."""

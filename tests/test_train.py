@@ -149,7 +149,7 @@ def test_changing_runtime_settings_resumes_the_checkpoint(
     other_runtime = parse_params({**TINY, "runtime": {"num_workers": 1, "eval_batch_size": 3}})
     assert fingerprint(other_runtime, {}) == fingerprint(params, {})
     train(other_runtime, paths(tmp_path, prepared, "cut"))
-    assert "resuming after epoch 1 of 2" in capsys.readouterr().out
+    assert "note: resuming after epoch 1 of 2" in capsys.readouterr().err
     whole, cut = (read_log(tmp_path / name / "log.csv") for name in ("whole", "cut"))
     assert cut == whole  # same losses and Dice, with another worker count and batch size
 

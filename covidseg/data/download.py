@@ -7,6 +7,7 @@ archive has been verified and extracted, so a failure never leaves a partial `ra
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import os
 import re
@@ -27,6 +28,8 @@ from tqdm import tqdm
 from covidseg.atomic import atomic_dir
 from covidseg.config import DownloadParams
 from covidseg.errors import CovidSegError
+
+log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
 MIRROR_HINT = (
@@ -62,10 +65,6 @@ class _Transient(Exception):
 
 class _Restart(Exception):
     """The partial file is of no use: start again from byte 0 (costs no retry)."""
-
-
-def _log(message: str) -> None:
-    tqdm.write(message, file=sys.stderr)
 
 
 def fetch_archives(params: DownloadParams, cache_dir: Path, raw_dir: Path) -> list[Path]:
@@ -125,9 +124,9 @@ def _obtain(
     final = cache_dir / name
     if final.is_file():
         if sha256_of(final) == digest:
-            _log(f"{name}: already cached in {cache_dir}")
+            log.info(f"{name}: already cached in {cache_dir}")
             return final
-        _log(f"{name}: cached copy has the wrong sha256, fetching it again")
+        log.warning(f"{name}: cached copy has the wrong sha256, fetching it again")
         final.unlink()
     part = cache_dir / f"{name}.part"
     resumed = part.is_file() and part.stat().st_size > 0 and not isinstance(source, Path)
@@ -135,7 +134,9 @@ def _obtain(
     actual = sha256_of(part)
     if actual != digest and resumed:
         # the bytes left by an earlier run were bad, not the mirror's: once more from byte 0
-        _log(f"{name}: the partial download left by an earlier run was corrupt; starting again")
+        log.warning(
+            f"{name}: the partial download left by an earlier run was corrupt; starting again"
+        )
         part.unlink()
         _fetch(session, source, name, part=part, digest=digest, params=params)
         actual = sha256_of(part)
@@ -148,7 +149,7 @@ def _obtain(
         )
     os.replace(part, final)
     verb = "copied" if isinstance(source, Path) else "fetched"
-    _log(f"{name}: {verb} and verified ({final.stat().st_size:,} bytes)")
+    log.info(f"{name}: {verb} and verified ({final.stat().st_size:,} bytes)")
     return final
 
 
@@ -223,7 +224,7 @@ def _download(
             _request(session, url, part, digest, timeout=params.timeout_s)
             return
         except _Restart as error:
-            _log(f"{url}: {error}; starting again from byte 0")
+            log.warning(f"{url}: {error}; starting again from byte 0")
         except _Transient as error:
             if _size(part) > before:
                 stalls = 0  # progress: the budget starts over
@@ -232,7 +233,7 @@ def _download(
             else:
                 stalls += 1
             delay = params.backoff_s * 2 ** max(stalls - 1, 0)
-            _log(f"{url}: {error.reason}; retrying ({stalls}/{params.retries} without progress)")
+            log.warning(f"{url}: {error.reason}; retrying ({stalls}/{params.retries} without progress)")
             time.sleep(delay)
 
 
@@ -346,7 +347,7 @@ def _extract_all(archives: list[Path], raw_dir: Path) -> list[Path]:
     with atomic_dir(raw_dir) as staging:
         for archive in archives:
             count = _extract(archive, staging / archive.name.removesuffix(".zip"))
-            _log(f"{archive.name}: extracted {count} files")
+            log.info(f"{archive.name}: extracted {count} files")
     return [raw_dir / archive.name.removesuffix(".zip") for archive in archives]
 
 

@@ -9,11 +9,13 @@ input's affine, qform/sform and codes, so it overlays the CT in any viewer),
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -32,6 +34,8 @@ from covidseg.reporting.figures import pick_slices, report_page
 from covidseg.reporting.severity import severity
 from covidseg.training.model import resolve_device
 from covidseg.training.modelio import ModelSpec, load_model
+
+log = logging.getLogger(__name__)
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
@@ -198,15 +202,22 @@ def _identity(spec: ModelSpec) -> dict:
     return {k: v for k, v in asdict(spec).items() if k in keys}
 
 
-def predict_many(predictor: Predictor, inputs: list[Path], out_dir: Path) -> int:
-    """Segment every scan; a bad input is one error line and the others go on. Failures."""
+def predict_many(
+    predictor: Predictor,
+    inputs: list[Path],
+    out_dir: Path,
+    *,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> int:
+    """Segment every scan; a bad input is one error line and the others go on; `on_result`
+    sees each scan's report as it is written. The number of failures."""
     if out_dir.exists() and not out_dir.is_dir():
         raise CovidSegError(f"-o {out_dir}: is a file; name a folder for the outputs")
     files, problems = scan_files(inputs)
     files = list(dict.fromkeys(files))  # a scan named twice is segmented once
     check_names(files)
     for problem in problems:
-        print(f"error: {problem}", file=sys.stderr)
+        log.error("%s", problem)
     failures = len(problems)
     if not files:
         return failures
@@ -215,15 +226,13 @@ def predict_many(predictor: Predictor, inputs: list[Path], out_dir: Path) -> int
         try:
             report = predict_scan(predictor, path, out_dir)
         except CovidSegError as error:
-            tqdm.write(f"error: {error}", file=sys.stderr)
+            log.error("%s", error)
             failures += 1
             continue
         except (RuntimeError, ValueError, OSError, MemoryError) as error:  # e.g. out of memory
-            tqdm.write(
-                f"error: {path}: {type(error).__name__}: {error}".splitlines()[0], file=sys.stderr
-            )
+            log.error("%s", f"{path}: {type(error).__name__}: {error}".splitlines()[0])
             failures += 1
             continue
-        summary = {k: report[k] for k in ("lesion_volume_ml", "slices_involved")}
-        tqdm.write(f"{report['case']}: {json.dumps(summary)}", file=sys.stderr)
+        if on_result is not None:
+            on_result(report)
     return failures

@@ -8,8 +8,8 @@ starts afresh.
 
 from __future__ import annotations
 
+import logging
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from covidseg.atomic import atomic_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,15 +72,11 @@ def save_checkpoint(path: Path, state: State, parts: dict[str, Any], fp: str) ->
         torch.save(payload, tmp)
 
 
-def _note(message: str) -> None:
-    print(f"train: {message}", file=sys.stderr, flush=True)
-
-
 def _set_aside(path: Path, reason: str) -> None:
     """Keep a checkpoint that cannot be used beside it, and say so in one line."""
     aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
     path.replace(aside)
-    _note(f"{path} cannot be resumed ({reason}); kept as {aside.name}, starting afresh")
+    log.warning("%s cannot be resumed (%s); kept as %s, starting afresh", path, reason, aside.name)
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -102,11 +100,11 @@ def load_checkpoint(path: Path, parts: dict[str, Any], fp: str) -> State | None:
     if payload is None:
         return None
     if payload.get("fingerprint") != fp:
-        _note(f"{path} was made with other params or another split; starting afresh")
+        log.info("%s was made with other params or another split; starting afresh", path)
         return None
     if payload["state"].get("complete"):
         # DVC reran a finished stage, so something it depends on changed: train again
-        _note(f"{path} holds a finished run; starting afresh")
+        log.info("%s holds a finished run; starting afresh", path)
         return None
     try:
         for name, obj in parts.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -42,6 +43,8 @@ from covidseg.training.losses import SegmentationLoss
 from covidseg.training.model import build_model, resolve_device
 from covidseg.training.modelio import ModelSpec, non_finite_count, save_model
 from covidseg.training.validation import validate
+
+log = logging.getLogger(__name__)
 
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds")
 
@@ -386,9 +389,9 @@ def setup(params: Params, paths: TrainPaths, fold: int) -> Run:
     fp = fingerprint(params, splits)
     state = load_checkpoint(paths.checkpoint_dir / "last.pt", parts, fp) or State()
     if state.epoch and dist_info.main:
-        print(f"train: resuming after epoch {state.epoch} of {params.train.epochs}")
+        log.info("resuming after epoch %d of %d", state.epoch, params.train.epochs)
     if not val_paths and dist_info.main:
-        print("train: no validation cases; the best epoch is the one with the lowest train loss")
+        log.info("no validation cases; the best epoch is the one with the lowest train loss")
     net = parts["model"]
     if dist_info.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(net)
