@@ -162,7 +162,7 @@ def write_case_store(
         spacing=(SPACING[0], SPACING[1] * factor, SPACING[2] * factor),
         affine=np.eye(4).tolist(),
         hu_window=HU_WINDOW,
-        slice_has_infection=tuple(int(v) for v in mask.any(axis=(1, 2))),
+        slice_has_infection=tuple(int(v) for v in np.asarray(mask.any(axis=(1, 2)))),
     )
     write_store(path, {"image": image, "mask": mask}, meta, compression)
     return image, mask

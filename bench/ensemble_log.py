@@ -12,9 +12,11 @@ torch.export, writing the archive, MLflow's check of the input example, which lo
 and runs it once more) and of reloading, and the peak resident memory of the process.
 
 The defaults are the study's model (UnetPlusPlus / densenet201, 5 folds at 512 px: about 1 GB of
-weights, several minutes on two cores); `--encoder resnet18 --size 64 --folds 2` is a smoke check.
+weights, several minutes on two cores); `--quick` (`--encoder resnet18 --size 64 --folds 2`) is a
+smoke check.
 
-Usage: .venv/bin/python bench/ensemble_log.py [--folds N] [--arch A] [--encoder E] [--size S]
+Usage: .venv/bin/python bench/ensemble_log.py [--quick] [--folds N] [--arch A] [--encoder E]
+       [--size S]
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from _report import load_note, machine_note, table, timed
 
 import covidseg.evaluation.aggregate
 from covidseg.config import Params, parse_params
-from covidseg.evaluation.aggregate import AggregatePaths, track
+from covidseg.evaluation.aggregate import AggregatePaths, CrossValidation, track
 from covidseg.inference.ensemble import FoldEnsemble, load_ensemble
 from covidseg.inference.predict import load_predictor
 from covidseg.training.checkpoint import State
@@ -192,7 +194,12 @@ def main() -> None:
     parser.add_argument("--arch", default="UnetPlusPlus")
     parser.add_argument("--encoder", default="densenet201")
     parser.add_argument("--size", type=int, default=None, help="image size (default: params')")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke check: --encoder resnet18 --size 64 --folds 2"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.encoder, args.size, args.folds = "resnet18", 64, 2
     start_note = machine_note()
     torch.set_num_threads(os.cpu_count() or 1)
     params = bench_params(args)
@@ -213,7 +220,7 @@ def main() -> None:
             per_fold=root / "per_fold.csv",
             report_dir=root / "benchmark",
         )
-        summary = {"n_cases": 0, "folds": {}}
+        summary = CrossValidation(keys=(), overall={"n_cases": 0}, folds={})
         rss_before = peak_rss_mib()
         phases = watch_logging()
         with tee_stderr() as warnings:

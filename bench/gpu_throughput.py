@@ -8,10 +8,11 @@ reaches (FLOPs per slice from torch's flop counter; peak from the datasheet and 
 measured bf16 matrix product); 100 epochs of a 16-case fold projected; peak GPU memory.
 
 `--variant compiled` runs the same with `train.compile` (the warm-up column then holds the
-compile time). `--cpu-smoke` runs every part on the CPU at toy sizes, to check the script.
+compile time). `--cpu-smoke` (or `--quick`) runs every part on the CPU at toy sizes, to check the
+script; without it and without CUDA the script stops with one line.
 
 Usage: python bench/gpu_throughput.py [--variant eager|compiled] [--batch 2 16] [--size 512]
-       [--json out.json] [--markdown out.md] [--cpu-smoke]
+       [--json out.json] [--markdown out.md] [--cpu-smoke | --quick]
        python bench/gpu_throughput.py --table a.json b.json   (one markdown table of both)
 """
 
@@ -34,7 +35,8 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from covidseg.config import Params, PrepareParams, RuntimeParams, TrainParams
-from covidseg.training.dataset import SliceDataset
+from covidseg.training.checkpoint import Parts
+from covidseg.training.dataset import BalancedSampler, SliceDataset
 from covidseg.training.losses import SegmentationLoss
 from covidseg.training.train import (
     Dist,
@@ -77,9 +79,16 @@ def make_params(
     )
 
 
+def sampler_of(loader: DataLoader) -> BalancedSampler:
+    """The stage loader's sampler (its `num_samples` sets the length of an epoch)."""
+    sampler = loader.sampler
+    assert isinstance(sampler, BalancedSampler)
+    return sampler
+
+
 def loader_speed(loader: DataLoader, seconds: float) -> float:
     """Slices/s of the loader alone, after its first batch (worker start-up) is out."""
-    loader.sampler.num_samples = 10**6
+    sampler_of(loader).num_samples = 10**6
     batches = iter(loader)
     next(batches)
     start, slices = time.perf_counter(), 0
@@ -92,14 +101,15 @@ def loader_speed(loader: DataLoader, seconds: float) -> float:
 
 def timed_epoch(run: Callable[[], object], loader: DataLoader, steps: int) -> float:
     """Seconds of one `train_epoch` of `steps` batches (it reads the loss back at its end)."""
-    loader.sampler.num_samples = steps * loader.batch_size
+    assert loader.batch_size is not None
+    sampler_of(loader).num_samples = steps * loader.batch_size
     start = time.perf_counter()
     run()
     return time.perf_counter() - start
 
 
 def stage_speed(
-    parts: dict, loader: DataLoader, params: Params, device: torch.device, seconds: float
+    parts: Parts, loader: DataLoader, params: Params, device: torch.device, seconds: float
 ) -> dict:
     """The stage's loop: warm-up (compile, graph capture), calibration, then a timed epoch."""
     loss_fn = SegmentationLoss(params.train.loss, 1)
@@ -135,7 +145,7 @@ def stage_speed(
 
 
 def bare_speed(
-    parts: dict, batch: tuple[torch.Tensor, torch.Tensor], params: Params, seconds: float
+    parts: Parts, batch: tuple[torch.Tensor, torch.Tensor], params: Params, seconds: float
 ) -> float:
     """Forward, loss, backward, Adam on one batch on the device, no host sync per step."""
     model, optimizer = parts["model"], parts["optimizer"]
@@ -210,17 +220,15 @@ def loader_row(args: argparse.Namespace, dataset: SliceDataset, batch: int) -> d
     runs += [(f"loader_cpu_aug_w{w}", w, False) for w in args.cpu_aug_workers]
     for key, workers, gpu_augment in runs:
         params = make_params(args, batch, workers=workers, gpu_augment=gpu_augment)
-        attempt(
-            row,
-            key,
-            lambda p=params: loader_speed(
-                make_loader(dataset, p, Dist(), args.device), args.seconds
-            ),
-        )
+
+        def speed(p: Params = params) -> float:
+            return loader_speed(make_loader(dataset, p, Dist(), args.device), args.seconds)
+
+        attempt(row, key, speed)
     return row
 
 
-def batch_row(args: argparse.Namespace, dataset: SliceDataset, parts: dict, batch: int) -> dict:
+def batch_row(args: argparse.Namespace, dataset: SliceDataset, parts: Parts, batch: int) -> dict:
     """Every measurement at one batch size."""
     row: dict = {"variant": args.variant, "batch": batch}
     if args.loader:
@@ -330,7 +338,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--table", type=Path, nargs="+", help="print the table of these files")
-    parser.add_argument("--cpu-smoke", action="store_true", help="CPU, Unet(resnet18), 64 px")
+    parser.add_argument(
+        "--cpu-smoke", "--quick", action="store_true", help="CPU, Unet(resnet18), 64 px"
+    )
     args = parser.parse_args()
     if args.cpu_smoke:
         args.arch, args.encoder, args.size, args.seconds = "Unet", "resnet18", 64, 1.0

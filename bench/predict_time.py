@@ -9,7 +9,8 @@ than fp32 on this CPU; 2 slices per batch on a CPU). A third run is `--precision
 check on the calibration slices off: an untrained network sits at 0.5). `--variants` adds the
 bare inference of each lever alone; `--rss` measures the peak resident memory of `covidseg
 predict` (new defaults, a child process) on one scan and on two scans in one call.
-The network is untrained: inference costs the same.
+The network is untrained: inference costs the same. `--quick` is a smoke run of the script: 8
+slices, and Unet(resnet18) at 128 px unless `--arch`, `--encoder` or `--size` say otherwise.
 
 Usage: .venv/bin/python bench/predict_time.py [--quick] [--variants] [--rss | --rss-only]
        [--rss-one] [--paths fp32,auto,int8] [--arch A]
@@ -19,6 +20,7 @@ Usage: .venv/bin/python bench/predict_time.py [--quick] [--variants] [--rss | --
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import subprocess
 import sys
@@ -31,6 +33,7 @@ from _report import load_note, machine_note, table, timed_cpu
 from _synth import make_phantom, window, write_nifti
 
 import covidseg.inference.quantize as quantize
+from covidseg.config import Precision
 from covidseg.data.resample import to_square
 from covidseg.inference.crop import crop_boxes
 from covidseg.inference.paths import predict_scan
@@ -73,8 +76,9 @@ def timing(
     the bare inference of each lever)."""
     cpu = torch.device("cpu")
     fast_batch = default_batch_size(cpu)
-    rows, results = [], {}
-    runs = (
+    rows: list[tuple[str, float, float, float]] = []
+    results: dict[str, tuple[float, float]] = {}
+    runs: tuple[tuple[str, str, Precision, int], ...] = (
         ("fp32", f"--precision fp32 --batch-size {args.batch} (today)", "fp32", args.batch),
         ("auto", f"defaults: --precision auto, batch {fast_batch} on a CPU", "auto", fast_batch),
         ("int8", f"--precision int8, batch {fast_batch} (check off: timing)", "int8", fast_batch),
@@ -87,13 +91,12 @@ def timing(
     for key, name, precision, batch in runs:
         options = InferenceOptions(batch_size=batch, precision=precision)
         predictor = load_predictor(str(folder / "model"), "cpu", options)
-        wall, cpu_s, _ = timed_cpu(
-            lambda p=predictor, k=key: predict_many(p, [scan], folder / f"out_{k}")
-        )
+        run = functools.partial(predict_many, predictor, [scan], folder / f"out_{key}")
+        wall, cpu_s, _ = timed_cpu(run)
         results[key] = (wall, cpu_s)
         rows.append((f"covidseg predict, {name}", wall, cpu_s, wall / slices))
     if args.variants:
-        variants = (
+        variants: tuple[tuple[Precision, int, bool], ...] = (
             ("fp32", args.batch, False),
             ("fp32", fast_batch, False),
             ("auto", args.batch, False),
@@ -104,9 +107,10 @@ def timing(
         )
         for precision, batch, crop in variants:
             options = InferenceOptions(batch_size=batch, precision=precision, crop=crop)
-            wall, cpu_s, _ = timed_cpu(
-                lambda o=options: predict_scan(model, image, cpu, options=o, hu_window=HU_WINDOW)
+            bare = functools.partial(
+                predict_scan, model, image, cpu, options=options, hu_window=HU_WINDOW
             )
+            wall, cpu_s, _ = timed_cpu(bare)
             name = f"bare {precision}, batch {batch}" + (", body crop" if crop else "")
             rows.append((name, wall, cpu_s, wall / slices))
     print(table(("path", "wall s", "CPU s", "wall s/slice"), rows))
@@ -124,11 +128,13 @@ def timing(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="12 slices instead of 300")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 8 slices, Unet(resnet18) at 128 px"
+    )
     parser.add_argument("--slices", type=int, help="scan slices (overrides --quick)")
-    parser.add_argument("--arch", default="UnetPlusPlus")
-    parser.add_argument("--encoder", default="densenet201")
-    parser.add_argument("--size", type=int, default=512, help="model input size")
+    parser.add_argument("--arch", help="default UnetPlusPlus (Unet with --quick)")
+    parser.add_argument("--encoder", help="default densenet201 (resnet18 with --quick)")
+    parser.add_argument("--size", type=int, help="model input size, default 512 (128 with --quick)")
     parser.add_argument("--batch", type=int, default=8, help="batch of today's path")
     parser.add_argument("--variants", action="store_true", help="bare inference of each lever")
     parser.add_argument(
@@ -138,8 +144,11 @@ def main() -> None:
     parser.add_argument("--rss-only", action="store_true", help="only the peak RSS, no timing")
     parser.add_argument("--rss-one", action="store_true", help="the peak RSS of one scan only")
     args = parser.parse_args()
+    args.arch = args.arch or ("Unet" if args.quick else "UnetPlusPlus")
+    args.encoder = args.encoder or ("resnet18" if args.quick else "densenet201")
+    args.size = args.size or (128 if args.quick else 512)
     torch.set_num_threads(2)
-    slices = args.slices or (12 if args.quick else 300)
+    slices = args.slices or (8 if args.quick else 300)
     cpu = torch.device("cpu")
     print(machine_note())
     with tempfile.TemporaryDirectory() as tmp:

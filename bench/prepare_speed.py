@@ -5,6 +5,9 @@ hard-linked, because a k-fold split needs two patients); times are per case. Bar
 decode of image and mask plus an h5py write of the same result arrays with the same dtype,
 chunks and `covidseg.data.store.COMPRESSION`. Parts: the functions `prepare_case` calls, one by one.
 
+`--quick` is a smoke run of the script: a 40-slice case instead of 300, 2 repeats of the first
+configuration and 1 of the others.
+
 Usage: .venv/bin/python bench/prepare_speed.py [--quick] [--repeats N]
 """
 
@@ -17,7 +20,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Literal, TypeVar
 
 import h5py
 import nibabel as nib
@@ -47,7 +50,13 @@ from covidseg.data.volumes import (
 GOAL = 1.5
 T = TypeVar("T")
 CASES = ("coronacases_001", "coronacases_002")
-CONFIGS = ((512, "gzip"), (512, "lzf"), (512, "none"), (256, "gzip"))
+Compression = Literal["gzip", "lzf", "none"]  # `prepare.compression`
+CONFIGS: tuple[tuple[int, Compression], ...] = (
+    (512, "gzip"),
+    (512, "lzf"),
+    (512, "none"),
+    (256, "gzip"),
+)
 PARTS = ("decode", "checks", "reorient", "normalise", "resize", "cast", "target", "write")
 
 
@@ -82,7 +91,9 @@ def run_stage(raw: Path, work: Path, params: PrepareParams) -> tuple[float, floa
 
 def decode(path: Path) -> np.ndarray:
     """Bare nibabel decode of one volume."""
-    return np.asanyarray(nib.load(path).dataobj)
+    image = nib.load(path)
+    assert isinstance(image, nib.Nifti1Image)
+    return np.asanyarray(image.dataobj)
 
 
 def bare_write(path: Path, arrays: dict[str, np.ndarray], compression: str) -> None:
@@ -160,7 +171,7 @@ def dummy_meta(name: str, shape: tuple[int, ...], flags: tuple) -> CaseMeta:
         case=name,
         encoding="hu",
         target="infection",
-        original_shape=shape,
+        original_shape=(shape[0], shape[1], shape[2]),
         original_spacing=(1.0, 0.7, 0.7),
         spacing=(1.0, 0.7, 0.7),
         affine=np.eye(4).tolist(),
@@ -190,8 +201,8 @@ def diagnostics(raw: Path) -> list[list[object]]:
 
 
 def bench_config(
-    raw: Path, work: Path, size: int, compression: str, repeats: int
-) -> tuple[list[object], dict[str, float]]:
+    raw: Path, work: Path, size: int, compression: Compression, repeats: int
+) -> tuple[list[Any], dict[str, float]]:
     """Median stage and bare seconds per case, and the median parts, for one config."""
     params = PrepareParams(image_size=size, compression=compression)
     files = case_files(raw, CASES[0])
@@ -213,31 +224,38 @@ def bench_config(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--quick", action="store_true", help="2 repeats of 512 gzip, 1 of the others (else 3)"
+        "--quick",
+        action="store_true",
+        help="40 slices (else 300); 2 repeats of 512 gzip, 1 of the others (else 3)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="repeats of every config")
     args = parser.parse_args()
     main_repeats = args.repeats or (2 if args.quick else 3)
     other_repeats = args.repeats or (1 if args.quick else 3)
+    slices = 40 if args.quick else 300
     print(machine_note(), f"| repeats: {main_repeats} / {other_repeats} (median shown)")
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
         raw, work = Path(tmp) / "raw", Path(tmp) / "work"
         work.mkdir()
-        write_raw(raw, slices=300)
+        write_raw(raw, slices=slices)
         image_mb = (raw / IMAGE_ARCHIVE / f"{CASES[0]}.nii.gz").stat().st_size / 2**20
-        print(f"case: int16 512x512x300 on disk ({image_mb:.0f} MiB .nii.gz, raw 150 MiB)")
+        raw_mb = 512 * 512 * slices * 2 / 2**20
+        print(
+            f"case: int16 512x512x{slices} on disk ({image_mb:.0f} MiB .nii.gz, "
+            f"raw {raw_mb:.0f} MiB)"
+        )
         results = [
             bench_config(raw, work, size, comp, main_repeats if i == 0 else other_repeats)
             for i, (size, comp) in enumerate(CONFIGS)
         ]
         extra = diagnostics(raw)
     print_results(results)
-    print("\ncostly steps vs equivalent calls (s per 512x512x300 volume, median of 3):")
+    print(f"\ncostly steps vs equivalent calls (s per 512x512x{slices} volume, median of 3):")
     print(table(["call", "s"], extra))
     print(load_note())
 
 
-def print_results(results: list[tuple[list[object], dict[str, float]]]) -> None:
+def print_results(results: list[tuple[list[Any], dict[str, float]]]) -> None:
     """The stage-vs-bare table, the parts table, and the goal line."""
     header = ["size comp", "stage s", "range", "bare s", "range", "ratio"]
     header += ["stage cpu", "bare cpu", "cpu ratio", "h5 MiB"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -24,7 +25,8 @@ from _synth import build_stores
 from torch.utils.data import DataLoader
 
 from covidseg.config import Params, PrepareParams, RuntimeParams, TrainParams
-from covidseg.training.dataset import SliceDataset
+from covidseg.training.checkpoint import Parts
+from covidseg.training.dataset import BalancedSampler, SliceDataset
 from covidseg.training.losses import SegmentationLoss
 from covidseg.training.train import Dist, build_parts, make_loader, seed_everything, train_epoch
 
@@ -44,7 +46,7 @@ def make_params(args: argparse.Namespace) -> Params:
 
 
 def stage_epoch(
-    parts: dict, loader: DataLoader, loss_fn: SegmentationLoss, params: Params, epoch: int
+    parts: Parts, loader: DataLoader, loss_fn: SegmentationLoss, params: Params, epoch: int
 ) -> tuple[float, int]:
     """`train_epoch` as the stage calls it on the main rank (progress bar on, sent nowhere)."""
     with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
@@ -60,7 +62,7 @@ def stage_epoch(
         )
 
 
-def bare_steps(parts: dict, batch: tuple, loss_fn: SegmentationLoss, steps: int) -> None:
+def bare_steps(parts: Parts, batch: tuple, loss_fn: SegmentationLoss, steps: int) -> None:
     """Forward, loss, backward and optimizer step on one in-memory batch, `steps` times."""
     model, optimizer = parts["model"], parts["optimizer"]
     model.train()
@@ -81,15 +83,18 @@ def run(args: argparse.Namespace, root: Path) -> tuple[list[float], list[float],
     loader = make_loader(dataset, params, Dist(), DEVICE)
     parts = build_parts(params, 1, DEVICE)
     loss_fn = SegmentationLoss(params.train.loss, 1)
-    full = loader.sampler.num_samples
-    loader.sampler.num_samples = args.batch  # warm-up epoch: one batch, starts the worker
+    sampler = loader.sampler
+    assert isinstance(sampler, BalancedSampler)
+    full = sampler.num_samples
+    sampler.num_samples = args.batch  # warm-up epoch: one batch, starts the worker
     warm, _ = timed(lambda: stage_epoch(parts, loader, loss_fn, params, epoch=1))
-    loader.sampler.num_samples = full
+    sampler.num_samples = full
     batch = next(iter(DataLoader(dataset, batch_size=args.batch)))
     bare_steps(parts, batch, loss_fn, 1)
     stage, bare = [], []
     for r in range(args.repeats):
-        seconds, (_, seen) = timed(lambda r=r: stage_epoch(parts, loader, loss_fn, params, r + 2))
+        epoch = functools.partial(stage_epoch, parts, loader, loss_fn, params, r + 2)
+        seconds, (_, seen) = timed(epoch)
         stage.append(seen / seconds)
         seconds, _ = timed(lambda: bare_steps(parts, batch, loss_fn, args.steps))
         bare.append(args.steps * args.batch / seconds)

@@ -6,13 +6,13 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from tqdm import tqdm
 
 from covidseg import __version__
-from covidseg.config import CPU_BATCH_SIZE, GPU_BATCH_SIZE, PRECISIONS
+from covidseg.config import CPU_BATCH_SIZE, DEVICE_CHOICES, GPU_BATCH_SIZE, PRECISIONS, one_of
 from covidseg.errors import CovidSegError
 from covidseg.log import configure
 
@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
         "folder (models/fold-0) or an MLflow URI (models:/<name>@<alias>, runs:/<run id>/model)",
     )
     predict.add_argument("-o", "--output", type=Path, required=True, help="output folder")
-    predict.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    predict.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     predict.add_argument(
         "--batch-size",
         type=_positive_int,
@@ -82,19 +82,20 @@ def run_predict(args: argparse.Namespace) -> int:
     from covidseg.inference.segment import InferenceOptions, default_batch_size
     from covidseg.training.model import resolve_device
 
+    device = one_of(args.device, DEVICE_CHOICES, "--device")  # argparse checked the choices
     options = InferenceOptions(
-        batch_size=args.batch_size or default_batch_size(resolve_device(args.device)),
+        batch_size=args.batch_size or default_batch_size(resolve_device(device)),
         tta_flip=args.tta,
         threshold=args.threshold,
-        precision=args.precision,
+        precision=one_of(args.precision, PRECISIONS, "--precision"),
         crop=args.crop,
     )
-    predictor = load_predictor(args.model, args.device, options)
+    predictor = load_predictor(args.model, device, options)
     failures = predict_many(predictor, args.inputs, args.output, on_result=show_result)
     return 1 if failures else 0
 
 
-def show_result(report: dict[str, Any]) -> None:
+def show_result(report: Mapping[str, object]) -> None:
     """One scan's result line: its case and the headline of its severity report."""
     summary = {k: report[k] for k in ("lesion_volume_ml", "slices_involved")}
     tqdm.write(f"{report['case']}: {json.dumps(summary)}", file=sys.stderr)

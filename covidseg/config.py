@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -32,8 +32,22 @@ CPU_BATCH_SIZE = 2  # slices per forward pass of `predict` on a CPU: the fastest
 GPU_BATCH_SIZE = 8
 Precision = Literal["auto", "fp32", "bf16", "int8"]  # inference paths (README, "Fast inference")
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+DeviceChoice = Literal["auto", "cpu", "cuda", "mps"]  # `runtime.device`, `predict --device`
+DEVICE_CHOICES: tuple[DeviceChoice, ...] = get_args(DeviceChoice)
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+_Choice = TypeVar("_Choice", bound=str)
+
+
+def one_of(value: object, choices: tuple[_Choice, ...], what: str) -> _Choice:
+    """`value` as one of `choices` (e.g. `PRECISIONS`), for values that pydantic has not
+    validated (the command line); a ValueError names the choices."""
+    for choice in choices:
+        if value == choice:
+            return choice
+    raise ValueError(f"{what} must be one of {choices}, got {value!r}")
 
 
 class _Section(BaseModel):
@@ -175,7 +189,7 @@ class RuntimeParams(_Section):
     """How to run, not what to compute: no result depends on these, so changing them neither
     invalidates a checkpoint nor makes DVC rerun a stage."""
 
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    device: DeviceChoice = "auto"
     num_workers: Annotated[int, Field(ge=0)] = 1
     eval_batch_size: Annotated[int, Field(ge=1)] = 8
 

@@ -18,7 +18,7 @@ import math
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -115,7 +115,7 @@ def _run_name(params: Params) -> str:
     return f"{name} ({exp})" if exp else name
 
 
-def _param_text(value: Any) -> str:
+def _param_text(value: object) -> str:
     """How a parameter value is stored (and compared when a run is reopened)."""
     return str(value)
 
@@ -195,7 +195,7 @@ class Tracker:
         """Whether calls still reach MLflow."""
         return not self._off and self.run_id is not None
 
-    def log_metrics(self, metrics: dict[str, float | None], step: int | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, float | None], step: int | None = None) -> None:
         """Log values at `step` (0 if None); None and NaN values are skipped."""
         self._attempt(lambda: self._log_metrics(metrics, step), None)
 
@@ -305,7 +305,8 @@ class Tracker:
         order = ["attributes.start_time ASC"]
         found = client.search_runs([experiment_id], query, order_by=order, max_results=1)
         if found:
-            return found[0].info.run_id
+            first: str = found[0].info.run_id  # MLflow's `RunInfo` properties are untyped
+            return first
         mine = self._new_run(
             params, _run_tags("cv") | {KEY_TAG: key}, experiment_id, name=_run_name(params)
         )
@@ -313,7 +314,8 @@ class Tracker:
         oldest = client.search_runs([experiment_id], query, order_by=order, max_results=1)
         if oldest and oldest[0].info.run_id != mine:
             client.delete_run(mine)
-            return oldest[0].info.run_id
+            winner: str = oldest[0].info.run_id
+            return winner
         return mine
 
     def _experiment_id(self, name: str, artifact_location: str | None) -> str:
@@ -385,7 +387,7 @@ class Tracker:
         client.log_batch(run_id, params=new, tags=[RunTag(k, v) for k, v in tags.items()])
         return True
 
-    def _log_metrics(self, metrics: dict[str, float | None], step: int | None) -> None:
+    def _log_metrics(self, metrics: Mapping[str, float | None], step: int | None) -> None:
         from mlflow.entities import Metric
 
         client, run_id = self._target()
@@ -436,7 +438,8 @@ class Tracker:
             validate_serving_input=False,
         )
         if registered_name is None:
-            return info.model_uri
+            uri: str = info.model_uri  # MLflow's `ModelInfo` is untyped
+            return uri
         version = str(info.registered_model_version)
         if alias is None:
             return f"models:/{registered_name}/{version}"

@@ -1,13 +1,31 @@
-"""Shared fixtures: synthetic cases, a folder mirror of the archives, a loopback HTTP mirror."""
+"""Shared fixtures: synthetic cases, a folder mirror of the archives, a loopback HTTP mirror,
+extracted and prepared phantoms, small model folders and fitted networks, an MLflow store.
+
+What is expensive and only read is built once per session (under `tmp_path_factory`): the
+mirror, the extracted archives, the prepared stores of each configuration, the model folder,
+the fitted networks and an empty MLflow database. No test may write into them: a test that
+changes its inputs takes a fixture that copies them into its own `tmp_path` (`raw_dir`) or
+builds its own (`tracked`: a copy of the empty database).
+"""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 from mirror_server import Mirror, MirrorServer
 from phantoms import PhantomCase, default_cases, write_archives
+
+if TYPE_CHECKING:
+    import torch
+
+    from covidseg.config import PrepareParams
+
+SIZE = 64  # the prepared phantoms' image size
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -21,13 +39,19 @@ def messages_as_the_command_line_shows_them() -> None:
 
 @pytest.fixture(scope="session")
 def phantom_cases() -> list[PhantomCase]:
-    """The two default phantoms (read-only arrays, so sharing them is safe)."""
+    """The three default phantoms (read-only arrays, so sharing them is safe)."""
     return default_cases()
 
 
-@pytest.fixture
+# --- archives -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
 def mirror(tmp_path_factory: pytest.TempPathFactory, phantom_cases: list[PhantomCase]) -> Mirror:
-    """A fresh folder with the four archives written from `phantom_cases`."""
+    """A folder with the four archives written from `phantom_cases`, once per session.
+
+    Read-only: tests fetch from it; one that needs a damaged archive writes a copy of the
+    mirror of its own (`test_download.bad_mirror`)."""
     folder = tmp_path_factory.mktemp("mirror")
     return Mirror(dir=folder, sha256=write_archives(phantom_cases, folder), cases=phantom_cases)
 
@@ -39,7 +63,8 @@ def mirror_dir(mirror: Mirror) -> Path:
 
 @pytest.fixture
 def http_mirror(mirror: Mirror, monkeypatch: pytest.MonkeyPatch) -> Iterator[MirrorServer]:
-    """A loopback HTTP server over `mirror.dir`; see `mirror_server` for failure injection."""
+    """A loopback HTTP server over `mirror.dir`, one per test (its failure injection and its
+    log of requests are the test's own); see `mirror_server`."""
     for variable in ("NO_PROXY", "no_proxy"):
         monkeypatch.setenv(variable, "127.0.0.1,localhost")
     server = MirrorServer(mirror.dir).start()
@@ -47,26 +72,153 @@ def http_mirror(mirror: Mirror, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mir
     server.stop()
 
 
-@pytest.fixture
-def raw_dir(mirror: Mirror, tmp_path: Path) -> Path:
-    """The phantom archives extracted by the real download code from a folder mirror."""
+@pytest.fixture(scope="session")
+def shared_raw_dir(tmp_path_factory: pytest.TempPathFactory, mirror: Mirror) -> Path:
+    """The phantom archives extracted by the real download code from the folder mirror, once
+    per session. Read-only: a test takes `raw_dir` (its own copy) instead."""
     from covidseg.config import DownloadParams
     from covidseg.data.download import fetch_archives
 
+    root = tmp_path_factory.mktemp("raw")
     params = DownloadParams(base_url=str(mirror.dir), sha256=mirror.sha256)
-    fetch_archives(params, cache_dir=tmp_path / "downloads", raw_dir=tmp_path / "raw")
-    return tmp_path / "raw"
+    fetch_archives(params, cache_dir=root / "downloads", raw_dir=root / "raw")
+    return root / "raw"
 
 
 @pytest.fixture
-def prepared(raw_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
-    """(stores folder, splits.json) at 64 px: 1 training, 1 validation and 1 test case."""
+def raw_dir(shared_raw_dir: Path, tmp_path: Path) -> Path:
+    """The extracted phantom archives in the test's own folder (`tmp_path / "raw"`): the test
+    may damage or add files."""
+    return Path(shutil.copytree(shared_raw_dir, tmp_path / "raw"))
+
+
+# --- prepared stores ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory, shared_raw_dir: Path) -> tuple[Path, Path]:
+    """(stores folder, splits.json) at 64 px, infection target, kfold 3: 1 training,
+    1 validation and 1 test case. Read-only (training and evaluation only read them)."""
     from covidseg.config import PrepareParams, SplitParams
     from covidseg.data.prepare import prepare_dataset
 
+    root = tmp_path_factory.mktemp("prepared")
     split = SplitParams(scheme="kfold", n_folds=3, folds=(0, 1, 2), val_fraction=0.5)
-    out, splits = tmp_path / "prepared", tmp_path / "splits.json"
+    out, splits = root / "prepared", root / "splits.json"
     prepare_dataset(
-        PrepareParams(image_size=64), split, raw_dir=raw_dir, out_dir=out, splits_path=splits
+        PrepareParams(image_size=SIZE),
+        split,
+        raw_dir=shared_raw_dir,
+        out_dir=out,
+        splits_path=splits,
     )
     return out, splits
+
+
+@pytest.fixture(scope="session")
+def stores(
+    tmp_path_factory: pytest.TempPathFactory, shared_raw_dir: Path
+) -> tuple[Path, PrepareParams]:
+    """(stores folder, prepare params) at 64 px with the lung + infection target, kfold 2.
+    Read-only."""
+    from covidseg.config import PrepareParams, SplitParams
+    from covidseg.data.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("stores")
+    params = PrepareParams(image_size=SIZE, target="lung_infection")
+    split = SplitParams(scheme="kfold", n_folds=2, folds=(0, 1))
+    out = root / "prepared"
+    prepare_dataset(params, split, raw_dir=shared_raw_dir, out_dir=out, splits_path=root / "s.json")
+    return out, params
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, stores: tuple[Path, PrepareParams]) -> Path:
+    """An untrained U-Net saved as a model folder with the stores' recipe (probabilities near
+    0.5 everywhere: the hardest case for two paths to agree on every label). Read-only."""
+    import torch
+
+    from covidseg.data.labels import LUNG_INFECTION
+    from covidseg.data.transforms import recipe_of
+    from covidseg.training.model import build_model
+    from covidseg.training.modelio import ModelSpec, save_model
+
+    torch.manual_seed(0)
+    model = build_model("Unet", "resnet18", None, LUNG_INFECTION.classes)
+    recipe = recipe_of(stores[1])
+    spec = ModelSpec(
+        arch="Unet",
+        encoder="resnet18",
+        classes=LUNG_INFECTION.classes,
+        target=LUNG_INFECTION.target,
+        image_size=recipe.image_size,
+        hu_window=recipe.hu_window,
+        image_dtype=recipe.image_dtype,
+        labels=LUNG_INFECTION.to_json(),
+    )
+    folder = tmp_path_factory.mktemp("models") / "model"
+    save_model(folder, model.state_dict(), spec)
+    return folder
+
+
+# --- fitted networks ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def lung_slices(stores: tuple[Path, PrepareParams]) -> tuple[np.ndarray, np.ndarray]:
+    """(images, masks) of every stored slice: model input and lungs-with-lesions (bool);
+    shared, so tests must not write into them.
+
+    The phantoms' lesions are a few dozen voxels, too few to resolve 1 %: the tiny networks
+    segment the lungs with their lesions (thousands of voxels) instead."""
+    from covidseg.data.store import read_arrays
+
+    arrays = [read_arrays(p, ("image", "mask")) for p in sorted(stores[0].glob("*.h5"))]
+    images = np.concatenate([a["image"] for a in arrays])
+    masks = np.concatenate([a["mask"] for a in arrays]) > 0
+    return images, masks
+
+
+@pytest.fixture(scope="session")
+def unet_on_lungs(lung_slices: tuple[np.ndarray, np.ndarray]) -> torch.nn.Module:
+    """A Unet / MobileNet-v2 fitted to `lung_slices` (80 steps). Tests must not change it."""
+    from tiny import train_tiny
+
+    return train_tiny(*lung_slices, steps=80)
+
+
+@pytest.fixture(scope="session")
+def unetpp_on_lungs(lung_slices: tuple[np.ndarray, np.ndarray]) -> torch.nn.Module:
+    """A UNet++ / MobileNet-v2 fitted to `lung_slices` (60 steps). Tests must not change it."""
+    from tiny import train_tiny
+
+    return train_tiny(*lung_slices, steps=60, arch="UnetPlusPlus")
+
+
+# --- MLflow -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow sqlite database with its tables made (MLflow's migrations take seconds), to
+    be copied, never used in place."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{db}")
+    client.search_experiments()  # creates and migrates the tables
+    engine = getattr(client._tracking_client.store, "engine", None)
+    if engine is not None:
+        engine.dispose()  # no connection left open on the file that is copied
+    return db
+
+
+@pytest.fixture
+def tracked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_db: Path) -> Path:
+    """MLflow in a fresh sqlite store of the test's own (`tmp_path / "mlflow.db"`, a copy of
+    the empty database), the working folder beside it (the store's artifacts go there)."""
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(empty_mlflow_db, db)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.chdir(tmp_path)
+    return db

@@ -26,6 +26,18 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 README_COMMAND = re.compile(r"^\s*(mlflow server .*)$", re.MULTILINE)
+# Without the networking switches Chromium keeps calling home, which a closed network turns
+# into a flood of failing requests.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+WAIT_MS = 60_000  # the MLflow SPA is heavy on a busy 2-core runner
 
 
 def readme_command() -> list[str]:

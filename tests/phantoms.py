@@ -64,7 +64,7 @@ def _ellipsoid(
 ) -> np.ndarray:
     """Boolean mask of the voxels whose centres lie inside an axis-aligned ellipsoid."""
     total = sum(((c - m) / r) ** 2 for c, m, r in zip(coords, centre, radii, strict=True))
-    return total <= 1.0
+    return np.asarray(total <= 1.0)
 
 
 def _ras_anatomy(
@@ -189,6 +189,19 @@ def default_cases(seed: int = 0) -> list[PhantomCase]:
             seed=seed + 2,
         ),
     ]
+
+
+def canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Independent route to (slice, row, col) = (S, P, L): nibabel's RAS, then transpose/flip."""
+    ras = np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(array, affine)).dataobj)
+    return ras.transpose(2, 1, 0)[:, ::-1, ::-1]
+
+
+def load_nifti(path: Path) -> nib.Nifti1Image:
+    """`nib.load` of a NIfTI-1 file, as that type (nibabel types its result as any image)."""
+    image = nib.load(path)
+    assert isinstance(image, nib.Nifti1Image), f"{path} is no NIfTI-1 image"
+    return image
 
 
 def nifti_gz_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:

@@ -10,31 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tiny import merge
 
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("stages", "covidseg", "plots", "dvc.yaml", "params.yaml")
-
-TINY = {
-    "arch": "Unet",
-    "encoder": "mobilenet_v2",
-    "prepare": {"image_size": 64},
-    "split": {"scheme": "kfold", "n_folds": 3, "folds": [0], "val_fraction": 0.5},
-    "train": {
-        "epochs": 2,
-        "batch_size": 4,
-        "steps_per_epoch": 3,
-        "lr": 1.0e-3,
-    },
-    "runtime": {"num_workers": 0, "eval_batch_size": 16},
-}
-
-
-def merge(base: dict, changes: dict) -> dict:
-    """Deep-merge `changes` into a copy of `base`."""
-    out = dict(base)
-    for key, value in changes.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and key in out else value
-    return out
 
 
 def env() -> dict[str, str]:

@@ -8,12 +8,13 @@ import stat
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pytest
 from mirror_server import Fault, Mirror, MirrorServer
-from phantoms import ALL_ARCHIVES, IMAGES, LUNG, LUNG_AND_INFECTION
+from phantoms import ALL_ARCHIVES, IMAGES, LUNG, LUNG_AND_INFECTION, load_nifti
 
 from covidseg.config import DownloadParams
 from covidseg.data import download
@@ -21,9 +22,9 @@ from covidseg.data.download import fetch_archives, sha256_of
 from covidseg.errors import CovidSegError
 
 
-def params(base_url: str, sha256: dict[str, str], **overrides: object) -> DownloadParams:
+def params(base_url: str, sha256: dict[str, str], **overrides: Any) -> DownloadParams:
     """Small retries and backoff so that failure tests stay quick."""
-    settings = {"retries": 2, "backoff_s": 0.01, "timeout_s": 5} | overrides
+    settings: dict[str, Any] = {"retries": 2, "backoff_s": 0.01, "timeout_s": 5} | overrides
     return DownloadParams(base_url=base_url, sha256=sha256, **settings)
 
 
@@ -82,7 +83,7 @@ def test_extracted_volumes_are_the_phantoms(
     cache, raw = dirs
     fetch_archives(params(http_mirror.url, mirror.sha256), cache, raw)
     for case in mirror.cases:
-        image = nib.load(raw / "COVID-19-CT-Seg_20cases" / f"{case.name}.nii.gz")
+        image = load_nifti(raw / "COVID-19-CT-Seg_20cases" / f"{case.name}.nii.gz")
         assert nib.aff2axcodes(image.affine) == case.axcodes
         np.testing.assert_allclose(image.affine, case.affine, atol=1e-5)
         assert int(image.header["qform_code"]) == int(image.header["sform_code"]) == 1
@@ -90,10 +91,10 @@ def test_extracted_volumes_are_the_phantoms(
             np.asanyarray(image.dataobj).dtype == {"hu": np.int16, "uint8": np.uint8}[case.encoding]
         )
         np.testing.assert_array_equal(np.asanyarray(image.dataobj), case.image)
-        lung = np.asanyarray(nib.load(raw / "Lung_Mask" / f"{case.name}.nii.gz").dataobj)
+        lung = np.asanyarray(load_nifti(raw / "Lung_Mask" / f"{case.name}.nii.gz").dataobj)
         assert lung.dtype == np.uint16
         np.testing.assert_array_equal(lung, case.lung)
-        both = nib.load(raw / "Lung_and_Infection_Mask" / f"{case.name}.nii.gz").dataobj
+        both = load_nifti(raw / "Lung_and_Infection_Mask" / f"{case.name}.nii.gz").dataobj
         assert set(np.unique(both)) == {0, 1, 2, 3}
         assert int((np.asanyarray(both) == 3).sum()) == case.lesion_voxels > 0
         z_axis = next(i for i, code in enumerate(case.axcodes) if code in "SI")

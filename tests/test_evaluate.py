@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from phantoms import canonical
+from tiny import TINY, merge
 
 from covidseg.config import parse_params
 from covidseg.data.labels import whole_lungs
@@ -15,14 +17,10 @@ from covidseg.data.prepare import prepare_dataset
 from covidseg.evaluation.evaluate import EvalPaths, evaluate
 from covidseg.training.train import TrainPaths, train
 
-TINY = {
-    "arch": "Unet",
-    "encoder": "mobilenet_v2",
-    "prepare": {"image_size": 64, "target": "lung_infection"},
-    "split": {"scheme": "kfold", "n_folds": 3, "folds": [0], "val_fraction": 0.5},
-    "train": {"epochs": 1, "batch_size": 4, "steps_per_epoch": 2},
-    "runtime": {"num_workers": 0, "eval_batch_size": 16},
-}
+# the lung + infection model, trained for one epoch of 2 steps
+LUNG_INFECTION = merge(
+    TINY, {"prepare": {"target": "lung_infection"}, "train": {"epochs": 1, "steps_per_epoch": 2}}
+)
 
 
 def percent_infected(labels: np.ndarray, side: int) -> float:
@@ -33,11 +31,9 @@ def percent_infected(labels: np.ndarray, side: int) -> float:
 
 @pytest.mark.slow
 def test_lung_infection_model_reports_per_class_and_per_lung(
-    raw_dir: Path, tmp_path: Path, monkeypatch, phantom_cases
+    raw_dir: Path, tmp_path: Path, tracked: Path, phantom_cases
 ) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)
-    params = parse_params(TINY)
+    params = parse_params(LUNG_INFECTION)
     data, splits = tmp_path / "prepared", tmp_path / "splits.json"
     prepare_dataset(params.prepare, params.split, raw_dir=raw_dir, out_dir=data, splits_path=splits)
     model = tmp_path / "model"
@@ -70,8 +66,6 @@ def test_lung_infection_model_reports_per_class_and_per_lung(
     ):
         assert key in row and key in summary
     case = next(c for c in phantom_cases if c.name == row["case"])
-    from test_prepare import canonical
-
     reference = canonical(case.lung_and_infection, case.affine)
     for side, name in ((1, "left"), (2, "right")):
         expected = percent_infected(reference, side)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_transforms import model_dir, stores  # noqa: F401 (fixtures)
+from tiny import AIR, WINDOW
 
 import covidseg.precision as precision
 from covidseg.data.store import read_arrays, read_meta
@@ -29,8 +29,6 @@ from covidseg.training.model import build_model
 from covidseg.training.modelio import load_model
 
 CPU = torch.device("cpu")
-WINDOW = (-1250.0, 250.0)
-AIR = (-1024 - WINDOW[0]) / (WINDOW[1] - WINDOW[0])  # ~0.15, what the phantoms' air becomes
 
 
 @pytest.mark.parametrize("pays", [True, False])
@@ -40,7 +38,7 @@ def test_auto_picks_bf16_where_it_pays(monkeypatch, pays: bool) -> None:
     assert uses_bf16(torch.device("cuda"), "auto")
     assert uses_bf16(CPU, "bf16") and not uses_bf16(torch.device("cuda"), "fp32")
     with pytest.raises(ValueError, match="precision"):
-        uses_bf16(CPU, "fp16")
+        uses_bf16(CPU, "fp16")  # type: ignore[arg-type]  # not a precision: refused at run time
 
 
 @pytest.mark.parametrize(
@@ -149,6 +147,7 @@ class Pointwise(torch.nn.Module):
         with torch.no_grad():
             slope = torch.tensor([20.0]) if classes == 1 else torch.linspace(-20, 20, classes)
             self.conv.weight.copy_(slope.view(classes, 1, 1, 1))  # air: background wins
+            assert self.conv.bias is not None
             self.conv.bias.copy_(-slope / 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,7 +177,7 @@ def test_crop_gives_the_whole_slice_answer_inside_and_background_outside(classes
     assert np.array_equal(to_labels(fast, 0.5), to_labels(full, 0.5))  # air is background
 
 
-def test_evaluate_and_predict_agree_on_the_fast_path(raw_dir: Path, stores, model_dir) -> None:  # noqa: F811
+def test_evaluate_and_predict_agree_on_the_fast_path(raw_dir: Path, stores, model_dir) -> None:
     model, spec = load_model(model_dir, CPU)
     options = InferenceOptions(batch_size=4, precision="bf16", crop=True)
     predictor = Predictor(model=model, spec=spec, source="m", device=CPU, options=options)
@@ -191,37 +190,12 @@ def test_evaluate_and_predict_agree_on_the_fast_path(raw_dir: Path, stores, mode
         assert np.array_equal(evaluated.labels, predicted.labels)
 
 
-def _train_tiny(
-    images: np.ndarray, masks: np.ndarray, steps: int, arch: str = "Unet"
-) -> torch.nn.Module:
-    """An `arch` / MobileNet-v2 fitted to binary masks, enough for sure labels."""
-    torch.manual_seed(0)
-    model = build_model(arch, "mobilenet_v2", None, 1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    x, y = torch.from_numpy(images).float()[:, None], torch.from_numpy(masks).float()[:, None]
-    rng = np.random.default_rng(0)
-    model.train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small steps: one thread is as fast, and safe on a busy machine
-    try:
-        for _ in range(steps):
-            pick = torch.from_numpy(rng.choice(len(x), size=8))
-            optimizer.zero_grad()
-            loss_fn(model(x[pick]), y[pick]).backward()
-            optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
-    return model.eval()
-
-
-def test_fast_path_labels_agree_with_fp32_on_a_trained_model(stores) -> None:  # noqa: F811
+def test_fast_path_labels_agree_with_fp32_on_a_trained_model(
+    unet_on_lungs: torch.nn.Module, lung_slices: tuple[np.ndarray, np.ndarray]
+) -> None:
     """The phantoms' lesions are a few dozen voxels, too few to resolve 1 %: the tiny model
     segments the lungs with their lesions (thousands of voxels) instead."""
-    arrays = [read_arrays(p, ("image", "mask")) for p in sorted(stores[0].glob("*.h5"))]
-    images = np.concatenate([a["image"] for a in arrays])
-    masks = np.concatenate([a["mask"] for a in arrays]) > 0
-    model = _train_tiny(images, masks, steps=80)
+    model, (images, masks) = unet_on_lungs, lung_slices
     whole = InferenceOptions(precision="fp32")
     fp32 = predict_volume(model, images, CPU, options=whole)
     ref = to_labels(fp32, 0.5)

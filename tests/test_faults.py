@@ -15,6 +15,7 @@ import subprocess
 import sys
 import weakref
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -22,7 +23,7 @@ import pytest
 import torch
 from mirror_server import Fault, Mirror, MirrorServer
 from phantoms import IMAGES, LUNG, PhantomCase
-from test_train import TINY  # the two-epoch Unet/MobileNet-v2 params of the training tests
+from tiny import TINY, merge
 
 from covidseg import CovidSegError, stage
 from covidseg.cli import main
@@ -36,13 +37,6 @@ from covidseg.training.train import TrainPaths, train
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 SPEC = ModelSpec("Unet", "mobilenet_v2", 1, "infection", 64, (-1250.0, 250.0))
-
-
-@pytest.fixture
-def tracked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """MLflow in a temporary store, the working folder beside it."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)
 
 
 def train_paths(tmp_path: Path, prepared: tuple[Path, Path]) -> TrainPaths:
@@ -82,7 +76,7 @@ def only_line(text: str) -> str:
 def test_damaged_checkpoint_is_set_aside_and_training_starts_afresh(
     prepared, tmp_path: Path, tracked, capsys, damage: str
 ) -> None:
-    params = parse_params({**TINY, "train": {**TINY["train"], "epochs": 1}})
+    params = parse_params(merge(TINY, {"train": {"epochs": 1}}))
     paths = train_paths(tmp_path, prepared)
     paths.checkpoint_dir.mkdir()
     last = paths.checkpoint_dir / "last.pt"
@@ -90,6 +84,7 @@ def test_damaged_checkpoint_is_set_aside_and_training_starts_afresh(
     last.write_bytes(last.read_bytes()[:300] if damage == "truncated" else b"")
     capsys.readouterr()
     summary = train(params, paths)
+    assert summary is not None
     err = capsys.readouterr().err
     notes = [line for line in err.splitlines() if "cannot be resumed" in line]
     assert len(notes) == 1 and "starting afresh" in notes[0] and "Traceback" not in err
@@ -118,7 +113,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running(
     pickle.loads(probe.read_bytes())  # the planted pickle really runs code when unpickled...
     assert marker.exists()
     marker.unlink()
-    params = parse_params({**TINY, "train": {**TINY["train"], "epochs": 1}})
+    params = parse_params(merge(TINY, {"train": {"epochs": 1}}))
     paths = train_paths(tmp_path, prepared)
     paths.checkpoint_dir.mkdir()
     torch.save({"state": {}, "payload": _Planted(str(marker))}, paths.checkpoint_dir / "last.pt")
@@ -134,7 +129,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running(
 def test_a_diverging_training_stops_with_one_line_and_writes_no_model(
     prepared, tmp_path: Path, tracked
 ) -> None:
-    params = parse_params({**TINY, "train": {**TINY["train"], "lr": 1e8}})
+    params = parse_params(merge(TINY, {"train": {"lr": 1e8}}))
     paths = train_paths(tmp_path, prepared)
     with pytest.raises(CovidSegError) as caught:
         train(params, paths)
@@ -149,7 +144,7 @@ def test_a_nan_loss_names_epoch_and_step_and_keeps_the_best_model(
 ) -> None:
     from covidseg.training.losses import SegmentationLoss
 
-    params = parse_params(TINY)  # 2 epochs of 2 steps
+    params = parse_params(merge(TINY, {"train": {"steps_per_epoch": 2}}))  # 2 epochs of 2 steps
     paths = train_paths(tmp_path, prepared)
     real_forward, calls = SegmentationLoss.forward, []
 
@@ -170,13 +165,14 @@ def test_a_nan_loss_names_epoch_and_step_and_keeps_the_best_model(
 
 
 def test_an_exploding_loss_stops_when_asked(prepared, tmp_path: Path, tracked) -> None:
-    from covidseg.training.checkpoint import State
+    from covidseg.training.checkpoint import EpochRow, State
     from covidseg.training.train import Diverged, Run, check_explosion
 
-    params = parse_params({**TINY, "train": {**TINY["train"], "max_loss_factor": 10}})
+    params = parse_params(merge(TINY, {"train": {"max_loss_factor": 10}}))
     run = Run.__new__(Run)
     run.params = params
-    run.state = State(history=[{"train_loss": 0.5}, {"train_loss": 0.8}])
+    losses = [cast(EpochRow, {"train_loss": loss}) for loss in (0.5, 0.8)]  # what it reads
+    run.state = State(history=losses)
     check_explosion(run, 3, 4.9)  # under 10 x 0.5
     with pytest.raises(Diverged, match=r"epoch 3 \(5.1\) is over train\.max_loss_factor=10"):
         check_explosion(run, 3, 5.1)

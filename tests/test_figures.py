@@ -59,12 +59,12 @@ def test_overlay_draws_a_mask_only_where_it_is(tmp_path: Path, which: str) -> No
     empty = np.zeros_like(mask)
 
     def render(m: np.ndarray, name: str) -> np.ndarray:
-        masks = (
-            {"reference": m, "prediction": None}
-            if which == "reference"
-            else {"reference": None, "prediction": m}
+        reference, prediction = (m, None) if which == "reference" else (None, m)
+        return _png(
+            overlay_slices(
+                image, reference, prediction, slices=[1], title="t", path=tmp_path / name
+            )
         )
-        return _png(overlay_slices(image, slices=[1], title="t", path=tmp_path / name, **masks))
 
     diff = np.any(np.abs(render(mask, "with.png") - render(empty, "without.png")) > 0.05, axis=-1)
     rows, cols = diff.shape

@@ -36,7 +36,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
         torch.manual_seed(fold)
         model = build_model("Unet", "mobilenet_v2", None, 1).eval()
         with torch.no_grad():
-            for parameter in model.segmentation_head.parameters():
+            for parameter in model.get_submodule("segmentation_head").parameters():
                 parameter.mul_(30.0)
         spec = replace(SPEC, folds=[fold], run_id=f"run-{fold}")
         save_model(root / f"fold-{fold}", model.state_dict(), spec)
@@ -93,13 +93,13 @@ def test_aggregate_means_are_over_all_cases_and_per_fold(tmp_path: Path) -> None
     write_fold(tmp_path, 2, [("c", 0.1, 0.2), ("d", 0.0, 0.1)])
     rows = read_fold_rows(tmp_path, 0) + read_fold_rows(tmp_path, 2)
     summary = summary_of(rows, [0, 2])
-    assert summary["n_cases"] == 4
-    assert summary["dice"] == pytest.approx(0.375)
-    assert summary["dice_std"] == pytest.approx(np.std([0.8, 0.6, 0.1, 0.0]))
-    assert summary["folds"]["0"]["dice"] == pytest.approx(0.7)
-    assert summary["folds"]["2"]["nsd"] == pytest.approx(0.15)
-    assert summary["counts"]["hd95"] == 3  # the empty prediction's HD95 is undefined
-    json.dumps(summary, allow_nan=False)  # strict JSON
+    assert summary.overall["n_cases"] == 4
+    assert summary.overall["dice"] == pytest.approx(0.375)
+    assert summary.overall["dice_std"] == pytest.approx(np.std([0.8, 0.6, 0.1, 0.0]))
+    assert summary.folds["0"]["dice"] == pytest.approx(0.7)
+    assert summary.folds["2"]["nsd"] == pytest.approx(0.15)
+    assert summary.overall["hd95_n"] == 3  # the empty prediction's HD95 is undefined
+    json.dumps(summary.to_json(), allow_nan=False)  # strict JSON
 
 
 def test_the_report_sets_each_fold_beside_the_published_numbers(tmp_path: Path) -> None:

@@ -88,7 +88,9 @@ def test_loss_meter_on_the_device_matches_the_per_step_host_sum() -> None:
 
 def gradient(model: torch.nn.Module) -> torch.Tensor:
     """Every parameter's gradient, as one vector; the gradients are cleared."""
-    flat = torch.cat([p.grad.flatten() for p in model.parameters()])
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads)  # every parameter took part
+    flat = torch.cat([g.flatten() for g in grads if g is not None])
     model.zero_grad(set_to_none=True)
     return flat
 

@@ -6,31 +6,30 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_fast_inference import AIR, CPU, _train_tiny
-from test_transforms import stores  # noqa: F401 (fixture)
+from tiny import AIR
 from torch.ao.quantization.observer import HistogramObserver
 from torch.nn import Conv2d
 
 import covidseg.inference.quantize as quantize
 from covidseg import CovidSegError
-from covidseg.data.store import read_arrays
 from covidseg.data.transforms import to_labels
 from covidseg.inference.paths import predict_scan
 from covidseg.inference.segment import InferenceOptions
 from covidseg.training.model import build_model
 
+CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not quantize.int8_available(), reason="no oneDNN int8 engine")
 FP32 = InferenceOptions(batch_size=4, precision="fp32")
 INT8 = InferenceOptions(batch_size=4, precision="int8")
 
 
-@pytest.fixture
-def trained(stores):  # noqa: F811
-    """(UNet++ / MobileNet-v2 fitted to the phantoms' lungs, its images, its fp32 labels)."""
-    arrays = [read_arrays(p, ("image", "mask")) for p in sorted(stores[0].glob("*.h5"))]
-    images = np.concatenate([a["image"] for a in arrays])
-    masks = np.concatenate([a["mask"] for a in arrays]) > 0
-    model = _train_tiny(images, masks, steps=60, arch="UnetPlusPlus")
+@pytest.fixture(scope="module")
+def trained(
+    unetpp_on_lungs: torch.nn.Module, lung_slices: tuple[np.ndarray, np.ndarray]
+) -> tuple[torch.nn.Module, np.ndarray, np.ndarray]:
+    """(UNet++ / MobileNet-v2 fitted to the phantoms' lungs, its images, its fp32 labels);
+    shared by the tests, which must leave the model as it is."""
+    model, (images, masks) = unetpp_on_lungs, lung_slices
     ref = to_labels(predict_scan(model, images, CPU, options=FP32), 0.5)
     assert ((ref > 0) == masks).mean() >= 0.99  # the model found the lungs
     return model, images, ref
@@ -39,14 +38,13 @@ def trained(stores):  # noqa: F811
 def test_int8_labels_agree_with_fp32_on_a_trained_model(trained, capsys) -> None:
     model, images, ref = trained
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    got = to_labels(predict_scan(model, images, CPU, options=INT8), 0.5)
+    int8 = predict_scan(model, images, CPU, options=INT8)
+    got = to_labels(int8, 0.5)
     assert "warning" not in capsys.readouterr().err  # int8 ran, no fallback
     assert (got == ref).mean() >= 0.995
     assert abs(int(got.sum()) - int(ref.sum())) <= 0.01 * ref.sum()
-    assert not np.array_equal(  # and it is another computation than fp32's
-        predict_scan(model, images, CPU, options=INT8),
-        predict_scan(model, images, CPU, options=FP32),
-    )
+    # and it is another computation than fp32's
+    assert not np.array_equal(int8, predict_scan(model, images, CPU, options=FP32))
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the model is untouched
 
@@ -135,6 +133,8 @@ def test_the_sampled_histogram_keeps_the_range_and_the_scale() -> None:
 @pytest.mark.parametrize(("vnni", "reduce_range"), [(True, False), (False, True)])
 def test_activations_keep_7_bits_on_a_cpu_without_vnni(monkeypatch, vnni, reduce_range) -> None:
     monkeypatch.setattr(quantize, "has_vnni", lambda: vnni)
-    observer = quantize._default_mapping().global_qconfig.activation()
+    qconfig = quantize._default_mapping().global_qconfig
+    assert qconfig is not None
+    observer = qconfig.activation()
     assert isinstance(observer, quantize.SampledHistogramObserver)
     assert observer.reduce_range is reduce_range

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
@@ -19,10 +20,10 @@ ISO = (1.0, 1.0, 1.0)
 
 def _sphere(shape: tuple[int, int, int], centre: tuple[float, ...], radius: float) -> np.ndarray:
     grid = np.ogrid[tuple(slice(0, n) for n in shape)]
-    return sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius**2
+    return np.asarray(sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius**2)
 
 
-def _box(shape: tuple[int, int, int], box: tuple[slice, slice, slice]) -> np.ndarray:
+def _box(shape: tuple[int, int, int], box: tuple[slice, ...]) -> np.ndarray:
     mask = np.zeros(shape, bool)
     mask[box] = True
     return mask
@@ -104,7 +105,7 @@ def test_crop_keeps_the_union_plus_margin() -> None:
     assert cropped_pred.sum() == pred.sum() and cropped_ref.sum() == ref.sum()
 
 
-def _check(metrics: dict[str, float], expected: dict[str, float]) -> None:
+def _check(metrics: Mapping[str, object], expected: Mapping[str, float]) -> None:
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, nan_ok=True), key
 

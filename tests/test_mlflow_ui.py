@@ -24,8 +24,8 @@ from urllib.parse import unquote
 import pytest
 import requests
 from mlflow import MlflowClient
-from mlflow_server import ROOT, MlflowServer
-from pipeline_repo import TINY, merge
+from mlflow_server import CHROMIUM_ARGS, ROOT, WAIT_MS, MlflowServer
+from tiny import TINY, merge
 
 from covidseg.config import Params
 from covidseg.data.splits import load_splits
@@ -38,24 +38,12 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.slow
 
 PARAMS = Params.model_validate(merge(TINY, {"train": {"epochs": 1, "steps_per_epoch": 2}}))
-# Without the networking switches Chromium keeps calling home, which a closed network turns
-# into a flood of failing requests.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 # The bytes behind an <img>'s (blob:) source, hashed in the page: what the preview shows.
 SHA256_OF_IMAGE_SOURCE = """async img => {
     const data = await (await fetch(img.src)).arrayBuffer();
     const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", data));
     return Array.from(digest, b => b.toString(16).padStart(2, "0")).join("");
 }"""
-WAIT_MS = 60_000  # the MLflow SPA is heavy on a busy 2-core runner
 CLIENT_ENV = (  # settings a developer's shell may hold; undone after the test
     "MLFLOW_TRACKING_URI",
     "MLFLOW_EXPERIMENT_ID",

@@ -8,7 +8,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from pipeline_repo import TINY, dvc, make_repo
+from pipeline_repo import dvc, make_repo
+from tiny import TINY
 
 pytestmark = pytest.mark.slow
 

@@ -11,18 +11,20 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from phantoms import AIR_HU, BODY_HU, LESION_HU, LUNG_HU, PhantomCase, hu_to_uint8
+from phantoms import AIR_HU, BODY_HU, LESION_HU, LUNG_HU, PhantomCase, hu_to_uint8, load_nifti
 from PIL import Image
 
 import covidseg.precision as precision_module
@@ -87,7 +89,7 @@ def write_scan(path: Path, array: np.ndarray, affine: np.ndarray, codes: tuple[i
 
 def read_labels(path: Path) -> np.ndarray:
     """A label volume's array as on disk."""
-    return np.asarray(nib.load(path).dataobj)
+    return np.asarray(load_nifti(path).dataobj)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -110,7 +112,7 @@ class Run:
     case: PhantomCase
     scan: Path
     out: Path
-    report: dict
+    report: dict[str, Any]
 
     @property
     def name(self) -> str:
@@ -139,7 +141,7 @@ def run_oracle(
     scan = write_scan(folder / name, case.image, case.affine, codes)
     out = folder / "out"
     out.mkdir(exist_ok=True)
-    return Run(case, scan, out, predict_scan(predictor, scan, out))
+    return Run(case, scan, out, dict(predict_scan(predictor, scan, out)))
 
 
 @pytest.fixture(scope="module", params=list(SCANS))
@@ -168,7 +170,7 @@ def lung_predicted(
 
 def test_labels_lie_on_the_input_grid(predicted: Run) -> None:
     """Shape, affine, qform/sform and codes, units and SimpleITK geometry are the input's."""
-    ct, seg = nib.load(predicted.scan), nib.load(predicted.seg)
+    ct, seg = load_nifti(predicted.scan), load_nifti(predicted.seg)
     assert seg.shape == ct.shape
     np.testing.assert_allclose(seg.affine, ct.affine, rtol=0, atol=1e-6)
     for code in ("qform_code", "sform_code"):
@@ -299,7 +301,7 @@ def unet_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     model = build_model("Unet", "mobilenet_v2", None, 1).eval()
     with torch.no_grad():
-        for parameter in model.segmentation_head.parameters():
+        for parameter in model.get_submodule("segmentation_head").parameters():
             parameter.mul_(100.0)
     folder = tmp_path_factory.mktemp("models") / "model"
     save_model(folder, model.state_dict(), UNET_SPEC)
@@ -350,8 +352,8 @@ def test_cli_with_a_model_folder_refuses_bad_files_and_carries_on(
     for case, scan in (("patient_a", scans / "patient_a.nii"), (single.name[:-7], single)):
         for suffix in ("_seg.nii.gz", "_report.json", "_report.png"):
             assert (out / f"{case}{suffix}").is_file()
-        seg = nib.load(out / f"{case}_seg.nii.gz")
-        assert seg.shape == nib.load(scan).shape
+        seg = load_nifti(out / f"{case}_seg.nii.gz")
+        assert seg.shape == load_nifti(scan).shape
         report = json.loads((out / f"{case}_report.json").read_text())
         assert report["model"]["source"] == str(unet_folder)
         assert report["model"]["encoder"] == "mobilenet_v2"
@@ -373,10 +375,12 @@ def test_mlflow_model_uri_gives_the_folder_models_labels(
     phantom_cases: list[PhantomCase],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    empty_mlflow_db: Path,
 ) -> None:
     """The same weights logged to a temporary store, loaded by `models:/covidseg@champion`."""
     repo = tmp_path / "repo"
     (repo / ".dvc").mkdir(parents=True)
+    shutil.copyfile(empty_mlflow_db, repo / "mlflow.db")  # the repository's store, still empty
     for name in MLFLOW_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(repo)

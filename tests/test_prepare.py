@@ -7,10 +7,9 @@ import shutil
 from pathlib import Path
 
 import h5py
-import nibabel as nib
 import numpy as np
 import pytest
-from phantoms import PhantomCase, nifti_gz_bytes
+from phantoms import PhantomCase, canonical, nifti_gz_bytes
 
 from covidseg import CovidSegError
 from covidseg.config import PrepareParams, SplitParams
@@ -19,12 +18,6 @@ from covidseg.data.store import read_meta
 
 PREPARE = PrepareParams(image_size=64, image_dtype="float32")
 SPLIT = SplitParams(scheme="kfold", n_folds=3, folds=(0, 1, 2), val_fraction=0.5)
-
-
-def canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Independent route to (slice, row, col) = (S, P, L): nibabel's RAS, then transpose/flip."""
-    ras = np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(array, affine)).dataobj)
-    return ras.transpose(2, 1, 0)[:, ::-1, ::-1]
 
 
 def padded(stack: np.ndarray, size: int) -> np.ndarray:

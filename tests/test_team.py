@@ -27,9 +27,11 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from mlflow_server import CHROMIUM_ARGS, WAIT_MS
 from phantoms import default_cases, write_archives
-from pipeline_repo import ROOT, TINY, dvc, env, make_repo, merge, run
+from pipeline_repo import ROOT, dvc, env, make_repo, run
 from team_stack import SCRIPT, TeamStack, missing_tools
+from tiny import TINY, merge
 
 pytestmark = [pytest.mark.team, pytest.mark.slow]
 
@@ -96,7 +98,7 @@ def s3(stack: TeamStack):
 def bucket_keys(stack: TeamStack, bucket: str = "covidseg-dvc") -> set[str]:
     client, keys, token = s3(stack), set(), None
     while True:
-        extra = {"ContinuationToken": token} if token else {}
+        extra: dict[str, str] = {"ContinuationToken": token} if token else {}
         page = client.list_objects_v2(Bucket=bucket, **extra)
         keys |= {item["Key"] for item in page.get("Contents", [])}
         if not page.get("IsTruncated"):
@@ -329,8 +331,6 @@ def test_an_experiment_pushed_by_a_is_pulled_and_applied_in_b_without_training(
 
 def screenshots_of_a_run(stack: TeamStack, experiment_id: str, run_id: str) -> None:
     """Chromium: a stranger is refused (401), a team member sees A's run."""
-    from test_mlflow_ui import CHROMIUM_ARGS, WAIT_MS
-
     try:
         from playwright.sync_api import Error as PlaywrightError
         from playwright.sync_api import expect, sync_playwright

@@ -96,6 +96,7 @@ def test_run_records_params_metrics_artifact_and_model(repo: Path, tmp_path: Pat
             metadata={"arch": "Conv2d", "classes": 1},
         )
     assert tracker.active is False
+    assert tracker.run_id is not None
 
     client = MlflowClient(default_tracking_uri(repo))
     run = client.get_run(tracker.run_id)
@@ -178,6 +179,7 @@ def test_leaving_with_an_exception_ends_the_run(
 ) -> None:
     with pytest.raises(error), Tracker.start(params("ends"), stage="train", root=repo) as tracker:
         raise error()
+    assert tracker.run_id is not None
     assert MlflowClient(default_tracking_uri(repo)).get_run(tracker.run_id).info.status == status
 
 
@@ -186,6 +188,7 @@ def test_dvc_experiment_tags(repo: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
     with Tracker.start(params("tags"), stage="train", root=repo) as tracker:
         pass
+    assert tracker.run_id is not None
     run = MlflowClient(default_tracking_uri(repo)).get_run(tracker.run_id)
     assert run.data.tags["dvc.exp_name"] == "bushy-lads"
     assert run.data.tags["dvc.baseline_rev"] == "a" * 40
@@ -203,6 +206,7 @@ def test_a_failure_mid_run_warns_once_and_turns_tracking_off(
     tracker.log_metrics({"loss": 0.5}, step=1)
     tracker.log_artifact(note)
     tracker.end()
+    assert tracker.run_id is not None
 
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1

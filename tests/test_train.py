@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from tiny import TINY, merge
 
 from covidseg import CovidSegError
 from covidseg.config import AugmentParams, parse_params
@@ -20,13 +23,6 @@ from covidseg.training.model import build_model, check_model_names
 from covidseg.training.train import TrainPaths, fingerprint, train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "arch": "Unet",
-    "encoder": "mobilenet_v2",
-    "prepare": {"image_size": 64},
-    "train": {"epochs": 2, "batch_size": 4, "steps_per_epoch": 2},
-    "runtime": {"num_workers": 0},
-}
 
 
 def paths(tmp_path: Path, prepared: tuple[Path, Path], name: str) -> TrainPaths:
@@ -99,13 +95,12 @@ def test_unknown_model_names_are_clear_errors() -> None:
 
 
 def test_training_is_repeatable_and_resume_skips_finished_epochs(
-    prepared, tmp_path, monkeypatch, capsys
+    prepared, tmp_path, tracked, capsys
 ) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)  # the store's artifacts go next to it
     params = parse_params(TINY)
     first = train(params, paths(tmp_path, prepared, "a"))
     second = train(params, paths(tmp_path, prepared, "b"))
+    assert first is not None and second is not None  # the main rank's summaries
     assert first["final_train_loss"] == second["final_train_loss"]
     log_a, log_b = (read_log(tmp_path / name / "log.csv") for name in ("a", "b"))
     assert log_a == log_b and len(log_a) == 2  # every column but the wall-clock seconds
@@ -114,24 +109,23 @@ def test_training_is_repeatable_and_resume_skips_finished_epochs(
     capsys.readouterr()
     again = train(params, paths(tmp_path, prepared, "a"))  # a rerun of a finished stage
     assert "holds a finished run; starting afresh" in capsys.readouterr().err
+    assert again is not None
     assert again["final_train_loss"] == first["final_train_loss"]  # and retrains the same
-    changed = parse_params({**TINY, "train": {**TINY["train"], "lr": 0.01}})
+    changed = parse_params(merge(TINY, {"train": {"lr": 0.01}}))
     split = json.loads(prepared[1].read_text())["0"]
     assert fingerprint(changed, split) != fingerprint(params, split)
-    more_folds = parse_params({**TINY, "split": {"scheme": "kfold", "folds": [0, 1, 2]}})
-    fewer_folds = parse_params({**TINY, "split": {"scheme": "kfold", "folds": [0]}})
+    more_folds = parse_params(merge(TINY, {"split": {"folds": [0, 1, 2]}}))
+    fewer_folds = parse_params(merge(TINY, {"split": {"folds": [0]}}))
     assert fingerprint(more_folds, split) == fingerprint(fewer_folds, split)
     other = {**split, "train": split["val"], "val": split["train"]}
     assert fingerprint(params, other) != fingerprint(params, split)
 
 
 def test_changing_runtime_settings_resumes_the_checkpoint(
-    prepared, tmp_path, monkeypatch, capsys
+    prepared, tmp_path, tracked, monkeypatch, capsys
 ) -> None:
     import covidseg.training.train as training
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)
     params = parse_params(TINY)
     train(params, paths(tmp_path, prepared, "whole"))
     real_one_epoch = training.one_epoch
@@ -146,7 +140,7 @@ def test_changing_runtime_settings_resumes_the_checkpoint(
         train(params, paths(tmp_path, prepared, "cut"))
     monkeypatch.setattr(training, "one_epoch", real_one_epoch)
     capsys.readouterr()
-    other_runtime = parse_params({**TINY, "runtime": {"num_workers": 1, "eval_batch_size": 3}})
+    other_runtime = parse_params(merge(TINY, {"runtime": {"num_workers": 1, "eval_batch_size": 3}}))
     assert fingerprint(other_runtime, {}) == fingerprint(params, {})
     train(other_runtime, paths(tmp_path, prepared, "cut"))
     assert "note: resuming after epoch 1 of 2" in capsys.readouterr().err
@@ -154,9 +148,10 @@ def test_changing_runtime_settings_resumes_the_checkpoint(
     assert cut == whole  # same losses and Dice, with another worker count and batch size
 
 
-def test_ddp_on_two_cpu_processes_keeps_ranks_in_sync(prepared, tmp_path) -> None:
+def test_ddp_on_two_cpu_processes_keeps_ranks_in_sync(prepared, tmp_path, empty_mlflow_db) -> None:
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "epochs": 1}}))
+    params_file.write_text(yaml.safe_dump(merge(TINY, {"train": {"epochs": 1}})))
+    shutil.copyfile(empty_mlflow_db, tmp_path / "mlflow.db")  # a fresh store, tables made
     out = paths(tmp_path, prepared, "ddp")
     command = [
         sys.executable,
@@ -207,7 +202,7 @@ def test_imagenet_weights_offline_is_one_clear_line(monkeypatch) -> None:
 
 
 def test_early_stopping_counts_epochs_without_improvement(tmp_path) -> None:
-    from covidseg.training.checkpoint import State
+    from covidseg.training.checkpoint import EpochRow, State
     from covidseg.training.train import end_of_epoch
 
     params = parse_params({"train": {"early_stopping_patience": 2}})
@@ -217,7 +212,7 @@ def test_early_stopping_counts_epochs_without_improvement(tmp_path) -> None:
     stops = [
         end_of_epoch(
             state,
-            {"epoch": e, "train_loss": 1.0, "val_dice": d},
+            cast(EpochRow, {"epoch": e, "train_loss": 1.0, "val_dice": d}),  # what it reads
             params,
             model,
             checkpoint_dir=tmp_path,

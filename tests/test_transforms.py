@@ -12,10 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from covidseg.config import PrepareParams, SplitParams
 from covidseg.data.intensity import HU, UINT8, UINT8_WINDOW_HU, normalise
 from covidseg.data.labels import INFECTION, LUNG_INFECTION
-from covidseg.data.prepare import prepare_dataset
 from covidseg.data.resample import to_original_grid, to_square
 from covidseg.data.store import read_arrays, read_meta
 from covidseg.data.transforms import recipe_of, scan_input
@@ -23,42 +21,10 @@ from covidseg.data.volumes import find_cases, read_nifti
 from covidseg.evaluation.evaluate import predict_stored
 from covidseg.inference.predict import Predictor, segment_scan
 from covidseg.inference.segment import InferenceOptions, predict_volume
-from covidseg.training.model import build_model
-from covidseg.training.modelio import ModelSpec, load_model, save_model
+from covidseg.training.modelio import load_model
 from covidseg.training.validation import dice, validate
 
-SIZE = 64
 CPU = torch.device("cpu")
-
-
-@pytest.fixture
-def stores(raw_dir: Path, tmp_path: Path) -> tuple[Path, PrepareParams]:
-    params = PrepareParams(image_size=SIZE, target="lung_infection")
-    split = SplitParams(scheme="kfold", n_folds=2, folds=(0, 1))
-    out = tmp_path / "prepared"
-    prepare_dataset(params, split, raw_dir=raw_dir, out_dir=out, splits_path=tmp_path / "s.json")
-    return out, params
-
-
-@pytest.fixture
-def model_dir(tmp_path: Path, stores: tuple[Path, PrepareParams]) -> Path:
-    """An untrained U-Net saved as a model folder with the stores' recipe (probabilities near
-    0.5 everywhere: the hardest case for two paths to agree on every label)."""
-    torch.manual_seed(0)
-    model = build_model("Unet", "resnet18", None, LUNG_INFECTION.classes)
-    recipe = recipe_of(stores[1])
-    spec = ModelSpec(
-        arch="Unet",
-        encoder="resnet18",
-        classes=LUNG_INFECTION.classes,
-        target=LUNG_INFECTION.target,
-        image_size=recipe.image_size,
-        hu_window=recipe.hu_window,
-        image_dtype=recipe.image_dtype,
-        labels=LUNG_INFECTION.to_json(),
-    )
-    save_model(tmp_path / "model", model.state_dict(), spec)
-    return tmp_path / "model"
 
 
 def test_stored_slices_are_what_predict_feeds_the_model(raw_dir: Path, stores) -> None:
@@ -161,7 +127,7 @@ def test_validation_dice_of_known_masks() -> None:
     image[0, :4, :4] = 1  # predicted: 16 voxels
     mask = np.zeros((2, 8, 8), np.uint8)
     mask[0, :4, :2] = 1  # reference: 8 voxels, all inside the prediction
-    cases = {"a": {"image": image, "mask": mask}}
+    cases: dict[str, dict[str, np.ndarray]] = {"a": {"image": image, "mask": mask}}
     loss_fn = SegmentationLoss(LossParams(), INFECTION.classes)
     _, dices = validate(
         Constant(),

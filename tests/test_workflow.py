@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from pipeline_repo import TINY, dvc, env, make_repo, merge, run
+from pipeline_repo import dvc, env, make_repo, run
+from tiny import TINY, merge
 
 pytestmark = pytest.mark.slow
 

@@ -320,7 +320,8 @@ def _stream(response: requests.Response, part: Path, start: int, timeout: float)
 def _read_chunk(response: requests.Response, at: int, timeout: float) -> bytes:
     """The next bytes of the body; read1 keeps every byte that arrived before a drop."""
     try:
-        return response.raw.read1(CHUNK_BYTES)
+        chunk: bytes = response.raw.read1(CHUNK_BYTES)  # urllib3's response (untyped here)
+        return chunk
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
         reason = _short_reason(error, timeout)
         raise _Transient(f"connection lost at byte {at:,}: {reason}") from None

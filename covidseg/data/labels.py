@@ -102,7 +102,8 @@ def infection_mask(masks: dict[str, np.ndarray]) -> np.ndarray:
     """{0, 1} infection from Infection_Mask, or from Lung_and_Infection_Mask."""
     if INFECTION_ARCHIVE in masks:
         return masks[INFECTION_ARCHIVE]
-    return (masks[LUNG_INFECTION_ARCHIVE] == LUNG_INFECTION_VALUE).astype(np.uint8)
+    infection: np.ndarray = masks[LUNG_INFECTION_ARCHIVE] == LUNG_INFECTION_VALUE
+    return infection.astype(np.uint8)
 
 
 def lung_mask(masks: dict[str, np.ndarray]) -> np.ndarray | None:

@@ -52,7 +52,9 @@ def to_original_grid(stack: np.ndarray, rows: int, cols: int, labels: bool) -> n
     return out[:, top : side - bottom, left : side - right]
 
 
-def resized_spacing(spacing: tuple[float, float, float], rows: int, cols: int, size: int):
+def resized_spacing(
+    spacing: tuple[float, float, float], rows: int, cols: int, size: int
+) -> tuple[float, float, float]:
     """Voxel size (slice, row, col) in mm after `to_square` (padding keeps the spacing)."""
     factor = max(rows, cols) / size
     return (spacing[0], spacing[1] * factor, spacing[2] * factor)

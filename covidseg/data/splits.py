@@ -54,7 +54,9 @@ def kfold_test_cases(cases: list[str], n_folds: int, fold: int, seed: int) -> li
     return sorted(case for patient in chosen for case in groups[patient])
 
 
-def hold_out_validation(train: list[str], fraction: float, seed: int) -> tuple[list, list]:
+def hold_out_validation(
+    train: list[str], fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
     """Split training cases into (train, val) by patient; at least one patient keeps training."""
     groups = group_by_patient(train)
     n_val = round(fraction * len(groups)) if fraction > 0 else 0
@@ -104,7 +106,7 @@ def load_splits(path: Path, fold: int) -> dict[str, list[str]]:
         raise CovidSegError(f"{path}: cannot read the split ({error})") from None
     if not isinstance(folds, dict) or str(fold) not in folds:
         raise CovidSegError(f"{path}: no fold {fold}; rerun prepare (dvc repro prepare)")
-    split = folds[str(fold)]
+    split: dict[str, list[str]] = folds[str(fold)]  # as `prepare` wrote it (`make_splits`)
     if not split.get("train"):
         raise CovidSegError(f"{path}: fold {fold} has no training cases")
     return split

@@ -71,8 +71,10 @@ def scan_input(
 def to_labels(prob: np.ndarray, threshold: float) -> np.ndarray:
     """(C, ...) probabilities -> uint8 labels: threshold for C == 1, argmax otherwise."""
     if prob.shape[0] == 1:
-        return (prob[0] >= threshold).astype(np.uint8)
-    return prob.argmax(axis=0).astype(np.uint8)
+        above: np.ndarray = prob[0] >= threshold
+        return above.astype(np.uint8)
+    best: np.ndarray = prob.argmax(axis=0)
+    return best.astype(np.uint8)
 
 
 def labels_on_grid(prob: np.ndarray, grid: Grid, threshold: float) -> np.ndarray:

@@ -168,7 +168,9 @@ class LoadedCase:
     masks: dict[str, np.ndarray]
 
 
-def read_mask(path: Path, case: str, archive: str, image_shape: tuple, *, image_affine: np.ndarray):
+def read_mask(
+    path: Path, case: str, archive: str, image_shape: tuple[int, ...], *, image_affine: np.ndarray
+) -> np.ndarray:
     """Read one mask and check it lies on its image's voxel grid and holds allowed labels."""
     data, affine = read_nifti(path, case)
     if data.shape != image_shape:

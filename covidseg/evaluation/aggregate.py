@@ -15,17 +15,18 @@ import csv
 import io
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import numpy as np
 
 from covidseg.atomic import atomic_dir, write_json_atomic, write_text_atomic
 from covidseg.config import Params
 from covidseg.errors import CovidSegError
-from covidseg.evaluation.metrics import METRIC_KEYS, summarise
+from covidseg.evaluation.metrics import METRIC_KEYS, Summary, summarise
 from covidseg.inference.ensemble import load_ensemble
 from covidseg.reporting.figures import benchmark_figure
 from covidseg.tracking import Tracker
@@ -64,7 +65,54 @@ class AggregatePaths:
     report_dir: Path  # reports/benchmark: benchmark.md and benchmark.png
 
 
-def read_fold_rows(folds_dir: Path, fold: int) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class ScoredCase:
+    """One test case of one fold as its `evaluate@<k>` wrote it in `per_case.csv`: the metric
+    columns in the file's order, numbers parsed (empty cells: NaN)."""
+
+    case: str
+    fold: int
+    metrics: dict[str, float]
+
+    def row(self) -> dict[str, str | int | float]:
+        """Its row of the experiment's `per_case.csv`."""
+        return {"case": self.case, "fold": self.fold, **self.metrics}
+
+
+@dataclass(frozen=True)
+class CrossValidation:
+    """The folds put together: `summarise` over every out-of-fold case, and over each fold's."""
+
+    keys: tuple[str, ...]  # the metric columns, the headline first (`metric_keys`)
+    overall: Summary  # every case: "n_cases", each key's mean, "<key>_std" and "<key>_n"
+    folds: dict[str, Summary]  # by fold number: "n_cases", each key's mean and "<key>_std"
+
+    def to_json(self) -> dict[str, object]:
+        """Headline means and stds at the top; counts and per-fold means nested below them."""
+        out: dict[str, object] = {"n_cases": self.overall["n_cases"]}
+        for key in self.keys:
+            out[key], out[f"{key}_std"] = self.overall[key], self.overall[f"{key}_std"]
+        out["counts"] = {key: self.overall[f"{key}_n"] for key in self.keys}
+        out["folds"] = self.folds
+        return out
+
+
+class PublishedScores(TypedDict):
+    """The benchmark's [mean, std] of each metric, for one fold or over all of them."""
+
+    dice: list[float]
+    nsd: list[float]
+
+
+class Published(TypedDict):
+    """One protocol's entry of `resources/published_task1.json`."""
+
+    folds: dict[str, PublishedScores]
+    avg: PublishedScores
+    lung_infection: dict[str, float]  # the lung + infection model's means over all folds
+
+
+def read_fold_rows(folds_dir: Path, fold: int) -> list[ScoredCase]:
     """One fold's per-case rows, numbers parsed (empty cells: NaN), with the fold number."""
     path = folds_dir / str(fold) / "per_case.csv"
     if not path.is_file():
@@ -72,45 +120,41 @@ def read_fold_rows(folds_dir: Path, fold: int) -> list[dict[str, Any]]:
     rows = []
     with path.open() as f:
         for row in csv.DictReader(f):
-            parsed: dict[str, Any] = {"case": row.pop("case"), "fold": fold}
-            parsed |= {k: float(v) if v else math.nan for k, v in row.items() if k != "fold"}
-            rows.append(parsed)
+            case = row.pop("case")
+            metrics = {k: float(v) if v else math.nan for k, v in row.items() if k != "fold"}
+            rows.append(ScoredCase(case, fold, metrics))
     return rows
 
 
-def metric_keys(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+def metric_keys(rows: Sequence[ScoredCase]) -> tuple[str, ...]:
     """The metric columns present, in a stable order (the headline first)."""
-    present = [k for k in rows[0] if k not in ("case", "fold")]
+    present = list(rows[0].metrics)
     ordered = [k for k in METRIC_KEYS if k in present]
     return tuple(ordered + [k for k in present if k not in ordered])
 
 
-def summary_of(rows: list[dict[str, Any]], folds: list[int]) -> dict[str, Any]:
-    """Headline means and stds at the top; counts and per-fold means nested below them."""
+def summary_of(rows: list[ScoredCase], folds: list[int]) -> CrossValidation:
+    """Means, stds and counts over every case, and each fold's means and stds."""
     keys = metric_keys(rows)
-    overall = summarise(rows, keys)
-    out: dict[str, Any] = {"n_cases": overall["n_cases"]}
-    for key in keys:
-        out[key], out[f"{key}_std"] = overall[key], overall[f"{key}_std"]
-    out["counts"] = {key: overall[f"{key}_n"] for key in keys}
-    out["folds"] = {}
+    overall = summarise([r.metrics for r in rows], keys)
+    per_fold: dict[str, Summary] = {}
     for fold in folds:
-        mine = summarise([r for r in rows if r["fold"] == fold], keys)
-        out["folds"][str(fold)] = {"n_cases": mine["n_cases"]} | {
+        mine = summarise([r.metrics for r in rows if r.fold == fold], keys)
+        per_fold[str(fold)] = {"n_cases": mine["n_cases"]} | {
             k: mine[k] for key in keys for k in (key, f"{key}_std")
         }
-    return out
+    return CrossValidation(keys, overall, per_fold)
 
 
-def metrics_file(summary: dict[str, Any]) -> dict[str, Any]:
+def metrics_file(summary: CrossValidation) -> dict[str, object]:
     """What `metrics/evaluate.json` holds: every mean and std, the counts, and each fold's
     headline means only (stds and the rest are in `per_fold.csv` and the report), so that
     `dvc metrics diff` stays one screen."""
-    folds = {k: {m: v[m] for m in HEADLINE if m in v} for k, v in summary["folds"].items()}
-    return {**summary, "folds": folds}
+    folds = {k: {m: v[m] for m in HEADLINE if m in v} for k, v in summary.folds.items()}
+    return {**summary.to_json(), "folds": folds}
 
 
-def csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
+def csv_text(rows: Sequence[Mapping[str, object]], columns: list[str]) -> str:
     """CSV with NaN and None as empty cells."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
@@ -124,12 +168,12 @@ def _missing(value: object) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def published(params: Params) -> dict[str, Any] | None:
+def published(params: Params) -> Published | None:
     """The benchmark's per-fold numbers for this protocol, or None when not comparable."""
     if params.split.scheme != "benchmark":
         return None
     text = (resources.files("covidseg") / "resources" / "published_task1.json").read_text()
-    table: dict[str, Any] = json.loads(text)[params.split.protocol]
+    table: Published = json.loads(text)[params.split.protocol]  # the package's own file
     return table
 
 
@@ -137,7 +181,7 @@ def _pm(mean: float | None, std: float | None) -> str:
     return "n/a" if mean is None else f"{mean:.4f} ± {std or 0:.4f}"
 
 
-def benchmark_table(summary: dict[str, Any], params: Params, multi: bool) -> str:
+def benchmark_table(summary: CrossValidation, params: Params, multi: bool) -> str:
     """The Task-1 style markdown table, this run beside the published numbers."""
     ref = published(params)
     keys = ["dice", "nsd", *(LUNG_KEYS if multi else ())]
@@ -145,10 +189,9 @@ def benchmark_table(summary: dict[str, Any], params: Params, multi: bool) -> str
     if ref:
         head += ["DSC (published)", "NSD (published)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rows = [
-        (f"Fold{k}", v, (ref or {}).get("folds", {}).get(k)) for k, v in summary["folds"].items()
-    ]
-    rows.append(("Avg", summary, (ref or {}).get("avg")))
+    fold_refs = ref.get("folds", {}) if ref else {}
+    rows = [(f"Fold{k}", v, fold_refs.get(k)) for k, v in summary.folds.items()]
+    rows.append(("Avg", summary.overall, ref.get("avg") if ref else None))
     for name, values, pub in rows:
         cells = [name, *(_pm(values.get(k), values.get(f"{k}_std")) for k in keys)]
         if ref:
@@ -157,15 +200,16 @@ def benchmark_table(summary: dict[str, Any], params: Params, multi: bool) -> str
     return "\n".join(lines)
 
 
-def benchmark_report(summary: dict[str, Any], params: Params, multi: bool) -> str:
+def benchmark_report(summary: CrossValidation, params: Params, multi: bool) -> str:
     """`reports/benchmark/benchmark.md`: the table, the setting and the caveats."""
     sp = params.split
     protocol = f"{sp.scheme}" + (f", protocol {sp.protocol}" if sp.scheme == "benchmark" else "")
     if sp.scheme == "kfold":
         protocol += f", {sp.n_folds} folds (seed {sp.seed})"
+    n_cases = summary.overall["n_cases"]
     intro = (
         f"# Cross-validation: {params.arch} / {params.encoder}, {params.prepare.image_size} px\n\n"
-        f"Split: {protocol}; folds {list(sp.folds)}; {summary['n_cases']} test cases in all "
+        f"Split: {protocol}; folds {list(sp.folds)}; {n_cases} test cases in all "
         f"(validation share {sp.val_fraction}).\n\n"
     )
     notes = "\n".join(f"- {c}" for c in CAVEATS)
@@ -174,20 +218,20 @@ def benchmark_report(summary: dict[str, Any], params: Params, multi: bool) -> st
     return intro + benchmark_table(summary, params, multi) + "\n\nNotes:\n" + notes + "\n"
 
 
-def aggregate(params: Params, paths: AggregatePaths) -> dict[str, Any]:
+def aggregate(params: Params, paths: AggregatePaths) -> CrossValidation:
     """Put the folds together; write the headline, tables and figure; log the ensemble."""
     folds = list(params.split.folds)
     rows = [row for fold in folds for row in read_fold_rows(paths.folds_dir, fold)]
     if not rows:
         raise CovidSegError(f"{paths.folds_dir}: the folds {folds} have no test cases")
     summary = summary_of(rows, folds)
-    multi = "left_lung_dice" in rows[0]
+    multi = "left_lung_dice" in rows[0].metrics
     columns = ["case", "fold", *metric_keys(rows)]
-    per_fold = [{"fold": k, **v} for k, v in summary["folds"].items()]
+    per_fold = [{"fold": k, **v} for k, v in summary.folds.items()]
     with atomic_dir(paths.report_dir) as tmp:
         (tmp / "benchmark.md").write_text(benchmark_report(summary, params, multi))
-        benchmark_figure(summary["folds"], published(params), tmp / "benchmark.png")
-    write_text_atomic(paths.per_case, csv_text(rows, columns))
+        benchmark_figure(summary.folds, published(params), tmp / "benchmark.png")
+    write_text_atomic(paths.per_case, csv_text([row.row() for row in rows], columns))
     fold_columns = ["fold", "n_cases", *(k for key in HEADLINE for k in (key, f"{key}_std"))]
     write_text_atomic(paths.per_fold, csv_text(per_fold, fold_columns))
     write_json_atomic(paths.metrics, metrics_file(summary))
@@ -195,13 +239,14 @@ def aggregate(params: Params, paths: AggregatePaths) -> dict[str, Any]:
     return summary
 
 
-def track(params: Params, paths: AggregatePaths, summary: dict[str, Any]) -> None:
+def track(params: Params, paths: AggregatePaths, summary: CrossValidation) -> None:
     """The parent run: headline metrics, the report, and the fold ensemble, registered."""
     import torch
 
     tracker = Tracker.start_parent(params)
-    flat: dict[str, float | None] = {k: v for k, v in summary.items() if isinstance(v, int | float)}
-    flat |= {f"fold{k}.{m}": v[m] for k, v in summary["folds"].items() for m in HEADLINE if m in v}
+    headline = summary.to_json().items()
+    flat: dict[str, float | None] = {k: v for k, v in headline if isinstance(v, int | float)}
+    flat |= {f"fold{k}.{m}": v[m] for k, v in summary.folds.items() for m in HEADLINE if m in v}
     tracker.log_metrics(flat)
     for path, folder in (
         (paths.metrics, "evaluation"),

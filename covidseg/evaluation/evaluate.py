@@ -26,13 +26,34 @@ from covidseg.data.store import CaseMeta, read_arrays, read_meta
 from covidseg.data.transforms import Grid
 from covidseg.data.volumes import CaseFiles, find_cases, load_case
 from covidseg.errors import CovidSegError
-from covidseg.evaluation.metrics import case_metrics, summarise
+from covidseg.evaluation.metrics import CaseMetrics, Spacing, Summary, case_metrics, summarise
 from covidseg.inference.segment import InferenceOptions, Segmentation, segment
 from covidseg.reporting.figures import overlay_slices, per_case_bar, pick_slices, training_curves
 from covidseg.reporting.severity import severity
 from covidseg.tracking import Tracker
 from covidseg.training.model import resolve_device
 from covidseg.training.modelio import ModelSpec, load_model
+
+
+class LungInfectionMetrics(CaseMetrics):
+    """`score_case` of a lung + infection model: the infection's `CaseMetrics`, each lung's
+    Dice and NSD, and the share of each lung infected in the reference and the prediction."""
+
+    left_lung_dice: float
+    left_lung_nsd: float
+    right_lung_dice: float
+    right_lung_nsd: float
+    left_lung_infected_pct_ref: float
+    right_lung_infected_pct_ref: float
+    left_lung_infected_pct_pred: float
+    right_lung_infected_pct_pred: float
+
+
+class CaseRow(CaseMetrics):
+    """One test case's row of `per_case.csv`, `case` first (a lung + infection model's rows
+    hold `LungInfectionMetrics`)."""
+
+    case: str
 
 
 @dataclass(frozen=True)
@@ -59,35 +80,42 @@ def inference_options(params: Params) -> InferenceOptions:
 
 
 def score_case(
-    pred: np.ndarray, ref: np.ndarray, spacing: tuple, scheme: LabelScheme, *, params: Params
-) -> dict[str, float]:
+    pred: np.ndarray, ref: np.ndarray, spacing: Spacing, scheme: LabelScheme, *, params: Params
+) -> CaseMetrics | LungInfectionMetrics:
     """Infection metrics as the headline; per-class metrics too for the lung + infection model."""
     ep = params.evaluate
     row = case_metrics(
         pred == scheme.infection, ref == scheme.infection, spacing, ep.nsd_tolerance_mm
     )
-    if scheme.multi:
-        for label in (LEFT_LUNG, RIGHT_LUNG):
-            lung = case_metrics(pred == label, ref == label, spacing, ep.lung_nsd_tolerance_mm)
-            name = scheme.names[label]
-            row |= {f"{name}_dice": lung["dice"], f"{name}_nsd": lung["nsd"]}
-        ref_pct = involvement(ref, spacing, scheme, "ref")
-        row |= ref_pct | involvement(pred, spacing, scheme, "pred")
-    return row
-
-
-def involvement(
-    labels: np.ndarray, spacing: tuple, scheme: LabelScheme, which: str
-) -> dict[str, float]:
-    """Percentage of each lung infected, e.g. `left_lung_infected_pct_ref`."""
-    report = severity(labels, spacing, scheme)
+    if not scheme.multi:
+        return row
+    # the lung labels of the one multi-label scheme, `labels.LUNG_INFECTION`
+    left, right = (
+        case_metrics(pred == label, ref == label, spacing, ep.lung_nsd_tolerance_mm)
+        for label in (LEFT_LUNG, RIGHT_LUNG)
+    )
+    ref_left, ref_right = involvement(ref, spacing, scheme)
+    pred_left, pred_right = involvement(pred, spacing, scheme)
     return {
-        f"{side}_lung_infected_pct_{which}": report[f"{side}_lung_infected_pct"]
-        for side in ("left", "right")
+        **row,
+        "left_lung_dice": left["dice"],
+        "left_lung_nsd": left["nsd"],
+        "right_lung_dice": right["dice"],
+        "right_lung_nsd": right["nsd"],
+        "left_lung_infected_pct_ref": ref_left,
+        "right_lung_infected_pct_ref": ref_right,
+        "left_lung_infected_pct_pred": pred_left,
+        "right_lung_infected_pct_pred": pred_right,
     }
 
 
-def write_per_case(path: Path, rows: list[dict]) -> None:
+def involvement(labels: np.ndarray, spacing: Spacing, scheme: LabelScheme) -> tuple[float, float]:
+    """Percentage of the left and of the right lung infected."""
+    report = severity(labels, spacing, scheme)
+    return report["left_lung_infected_pct"], report["right_lung_infected_pct"]
+
+
+def write_per_case(path: Path, rows: list[CaseRow]) -> None:
     """`metrics/per_case.csv`: one row per test case, `case` first."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
@@ -140,7 +168,7 @@ def evaluate_case(
     paths: EvalPaths,
     files: CaseFiles,
     device: torch.device,
-) -> dict[str, float | str]:
+) -> CaseRow:
     """Predict, score and draw one test case."""
     store = paths.data_dir / f"{case}.h5"
     if not store.exists():
@@ -154,8 +182,8 @@ def evaluate_case(
         raise CovidSegError(
             f"{case}: store and raw volume disagree ({seg.labels.shape} vs {ref.shape})"
         )
-    row: dict[str, float | str] = {"case": case}
-    row |= score_case(seg.labels, ref, meta.original_spacing, scheme, params=params)
+    scores = score_case(seg.labels, ref, meta.original_spacing, scheme, params=params)
+    row: CaseRow = {"case": case, **scores}
     overlay_slices(
         arrays["image"].astype(np.float32),
         arrays["mask"],
@@ -168,7 +196,7 @@ def evaluate_case(
     return row
 
 
-def evaluate(params: Params, paths: EvalPaths, *, fold: int = 0) -> dict:
+def evaluate(params: Params, paths: EvalPaths, *, fold: int = 0) -> Summary:
     """Score every test case of `fold`; write metrics JSON, per-case CSV and figures; track the
     fold's run (its model logged there; `aggregate` registers the ensemble of all folds)."""
     test = load_splits(paths.splits, fold).get("test") or []
@@ -177,7 +205,7 @@ def evaluate(params: Params, paths: EvalPaths, *, fold: int = 0) -> dict:
     device = resolve_device(params.runtime.device)
     model, spec = load_model(paths.model_dir, device)
     files = reference_files(paths.raw_dir, test)
-    rows = []
+    rows: list[CaseRow] = []
     with atomic_dir(paths.reports) as reports:
         (reports / "overlays").mkdir()
         tmp_paths = EvalPaths(**{**paths.__dict__, "reports": reports})
@@ -197,7 +225,7 @@ def evaluate(params: Params, paths: EvalPaths, *, fold: int = 0) -> dict:
         if paths.train_log and paths.train_log.exists():
             training_curves(read_log(paths.train_log), reports / "training_curves.png")
     keys = tuple(k for k in rows[0] if k != "case")
-    summary = {
+    summary: Summary = {
         "fold": fold,
         **summarise(rows, keys),
         "threshold": params.evaluate.threshold,
@@ -209,7 +237,7 @@ def evaluate(params: Params, paths: EvalPaths, *, fold: int = 0) -> dict:
     return summary
 
 
-def read_log(path: Path) -> list[dict]:
+def read_log(path: Path) -> list[dict[str, float | None]]:
     """The per-epoch CSV written by training, numbers parsed (empty cells -> None)."""
     with path.open() as f:
         return [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(f)]
@@ -221,7 +249,7 @@ def track(
     spec: ModelSpec,
     model: torch.nn.Module,
     *,
-    summary: dict,
+    summary: Summary,
     fold: int,
 ) -> None:
     """Add test metrics, artifacts and the fold's model to the fold's training run."""

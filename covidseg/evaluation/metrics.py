@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -43,6 +44,21 @@ METRIC_KEYS = (
 NAN = float("nan")
 
 Spacing = tuple[float, float, float]
+# `summarise`'s form: "n_cases", then per metric its mean, "<metric>_std" and "<metric>_n"
+Summary = dict[str, float | int | None]
+
+
+class CaseMetrics(TypedDict):
+    """`case_metrics`: every one of `METRIC_KEYS` for one case (NaN where undefined)."""
+
+    dice: float
+    nsd: float
+    hd95: float
+    iou: float
+    sensitivity: float
+    precision: float
+    ref_volume_ml: float
+    pred_volume_ml: float
 
 
 def _ratio(num: int, den: int) -> float:
@@ -105,7 +121,7 @@ def _empty_case_metrics(n_pred: int, n_ref: int) -> dict[str, float]:
 
 def case_metrics(
     pred: np.ndarray, ref: np.ndarray, spacing: Spacing, nsd_tolerance_mm: float
-) -> dict[str, float]:
+) -> CaseMetrics:
     """All `METRIC_KEYS` for one case; `pred`/`ref` boolean (slice, row, col), spacing in mm."""
     if pred.shape != ref.shape or pred.ndim != 3:
         raise ValueError(f"need two 3D masks of one shape, got {pred.shape} and {ref.shape}")
@@ -129,14 +145,21 @@ def case_metrics(
             "hd95": hd95,
             **volumes,
         }
-    return {key: float(out[key]) for key in METRIC_KEYS}
+    return {  # in the order of METRIC_KEYS
+        "dice": float(out["dice"]),
+        "nsd": float(out["nsd"]),
+        "hd95": float(out["hd95"]),
+        "iou": float(out["iou"]),
+        "sensitivity": float(out["sensitivity"]),
+        "precision": float(out["precision"]),
+        "ref_volume_ml": float(out["ref_volume_ml"]),
+        "pred_volume_ml": float(out["pred_volume_ml"]),
+    }
 
 
-def summarise(
-    rows: Sequence[Mapping[str, object]], keys: tuple[str, ...] = METRIC_KEYS
-) -> dict[str, float | int | None]:
+def summarise(rows: Sequence[Mapping[str, object]], keys: tuple[str, ...] = METRIC_KEYS) -> Summary:
     """Mean, population std and count of non-NaN values per key; None where all are NaN."""
-    summary: dict[str, float | int | None] = {"n_cases": len(rows)}
+    summary: Summary = {"n_cases": len(rows)}
     for key in keys:
         values = np.array([row[key] for row in rows if row.get(key) is not None], dtype=float)
         values = values[~np.isnan(values)]

@@ -13,9 +13,9 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import NotRequired, TypedDict, cast
 
 import nibabel as nib
 import numpy as np
@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from covidseg.atomic import atomic_file, write_json_atomic
+from covidseg.config import DeviceChoice
 from covidseg.data.transforms import scan_input
 from covidseg.data.volumes import Volume, case_name, read_nifti, to_disk_orientation
 from covidseg.errors import CovidSegError
@@ -31,13 +32,53 @@ from covidseg.inference.ensemble import is_ensemble_folder, load_ensemble
 from covidseg.inference.segment import InferenceOptions, Segmentation
 from covidseg.precision import uses_bf16
 from covidseg.reporting.figures import pick_slices, report_page
-from covidseg.reporting.severity import severity
+from covidseg.reporting.severity import Severity, severity
 from covidseg.training.model import resolve_device
 from covidseg.training.modelio import ModelSpec, load_model
 
 log = logging.getLogger(__name__)
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+class ReportedSeverity(TypedDict):
+    """`Severity` as a report holds it: NaN (e.g. a lung that was not found) as null."""
+
+    lesion_volume_ml: float | None
+    slices_involved: int
+    slices_total: int
+    left_lung_volume_ml: NotRequired[float | None]
+    left_lung_infected_pct: NotRequired[float | None]
+    left_lung_grade: NotRequired[int]
+    right_lung_volume_ml: NotRequired[float | None]
+    right_lung_infected_pct: NotRequired[float | None]
+    right_lung_grade: NotRequired[int]
+    total_grade: NotRequired[int]
+
+
+class ModelIdentity(TypedDict):
+    """Which model made a report: where it came from and what its `ModelSpec` says."""
+
+    source: str
+    arch: str
+    encoder: str
+    target: str
+    image_size: int
+    folds: list[int]
+    run_id: str | None
+    best_epoch: int
+    val_dice: float | None
+
+
+class ScanReport(ReportedSeverity):
+    """`<case>_report.json`: the scan, its severity numbers, the model and the time taken."""
+
+    case: str
+    input: str
+    segmentation: str
+    voxel_spacing_mm: list[float]
+    model: ModelIdentity
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -52,7 +93,7 @@ class Predictor:
 
 
 def load_predictor(
-    ref: str, device: str = "auto", options: InferenceOptions | None = None
+    ref: str, device: DeviceChoice = "auto", options: InferenceOptions | None = None
 ) -> Predictor:
     """A model folder, or an MLflow model URI (`models:/<name>@<alias>`, `runs:/...`)."""
     target = resolve_device(device)
@@ -130,7 +171,7 @@ def write_labels(path: Path, labels: np.ndarray, source: nib.Nifti1Image) -> Non
         nib.save(out, tmp)
 
 
-def predict_scan(predictor: Predictor, path: Path, out_dir: Path) -> dict:
+def predict_scan(predictor: Predictor, path: Path, out_dir: Path) -> ScanReport:
     """Segment one scan and write its label volume, report JSON and report page."""
     start = time.perf_counter()
     case = case_name(path)
@@ -142,13 +183,13 @@ def predict_scan(predictor: Predictor, path: Path, out_dir: Path) -> dict:
     assert isinstance(source, nib.Nifti1Image)  # read_nifti accepted it
     write_labels(seg_path, to_disk_orientation(seg.labels, affine), source)
     spec = predictor.spec
-    report = {
+    report: ScanReport = {
         "case": case,
         "input": str(path.resolve()),
         "segmentation": seg_path.name,
         **json_safe(severity(seg.labels, volume.spacing, spec.scheme)),
         "voxel_spacing_mm": [round(s, 4) for s in volume.spacing],
-        "model": {"source": predictor.source, **_identity(spec)},
+        "model": _identity(predictor),
         "seconds": round(time.perf_counter() - start, 2),
     }
     write_json_atomic(out_dir / f"{case}_report.json", report)
@@ -192,14 +233,25 @@ def check_names(files: list[Path]) -> None:
         )
 
 
-def json_safe(values: dict) -> dict:
+def json_safe(values: Severity) -> ReportedSeverity:
     """NaN (e.g. the share infected of a lung that was not found) becomes JSON null."""
-    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in values.items()}
+    safe = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in values.items()}
+    return cast(ReportedSeverity, safe)  # the same keys, NaN floats turned into None
 
 
-def _identity(spec: ModelSpec) -> dict:
-    keys = ("arch", "encoder", "target", "image_size", "folds", "run_id", "best_epoch", "val_dice")
-    return {k: v for k, v in asdict(spec).items() if k in keys}
+def _identity(predictor: Predictor) -> ModelIdentity:
+    spec = predictor.spec
+    return {
+        "source": predictor.source,
+        "arch": spec.arch,
+        "encoder": spec.encoder,
+        "target": spec.target,
+        "image_size": spec.image_size,
+        "folds": list(spec.folds),
+        "run_id": spec.run_id,
+        "best_epoch": spec.best_epoch,
+        "val_dice": spec.val_dice,
+    }
 
 
 def predict_many(
@@ -207,7 +259,7 @@ def predict_many(
     inputs: list[Path],
     out_dir: Path,
     *,
-    on_result: Callable[[dict[str, Any]], None] | None = None,
+    on_result: Callable[[ScanReport], None] | None = None,
 ) -> int:
     """Segment every scan; a bad input is one error line and the others go on; `on_result`
     sees each scan's report as it is written. The number of failures."""

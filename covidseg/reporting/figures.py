@@ -237,7 +237,9 @@ def _missing_bars(ax: Axes, start: int, count: int, height: float) -> None:
     ax.bar_label(bars, labels=["n/a"] * count, fontsize=8, padding=2)
 
 
-def per_case_bar(rows: list[dict], metric: str, path: Path, title: str = "") -> Path:
+def per_case_bar(
+    rows: Sequence[Mapping[str, object]], metric: str, path: Path, title: str = ""
+) -> Path:
     """Bars of `metric` per case, highest first, value labels, the mean as a dashed line.
 
     Cases without a value (NaN) come last as hatched empty bars labelled n/a. Pixel size:
@@ -288,7 +290,7 @@ def _mark_best(axes: Sequence[Axes], epochs: np.ndarray, dice: np.ndarray) -> st
     return f"best {dice[best]:.3f} at epoch {epochs[best]:g}"
 
 
-def training_curves(log: list[dict], path: Path) -> Path:
+def training_curves(log: Sequence[Mapping[str, object]], path: Path) -> Path:
     """Losses (left) and validation Dice (right) per epoch, the best-Dice epoch marked.
 
     Rows look like {"epoch": 1, "train_loss": .., "val_loss": .., "val_dice": ..} (values may

@@ -7,6 +7,7 @@ given the side of the nearest lung voxel, so a lung's volume includes its infect
 from __future__ import annotations
 
 import math
+from typing import NotRequired, TypedDict
 
 import numpy as np
 
@@ -22,13 +23,35 @@ def extent_grade(percent: float) -> int:
     return 1 + sum(percent >= bound for bound in GRADE_BOUNDS)
 
 
+class Severity(TypedDict):
+    """`severity`'s numbers; the per-lung ones only for a scheme with lung labels."""
+
+    lesion_volume_ml: float
+    slices_involved: int
+    slices_total: int
+    left_lung_volume_ml: NotRequired[float]
+    left_lung_infected_pct: NotRequired[float]  # NaN when the lung was not found
+    left_lung_grade: NotRequired[int]
+    right_lung_volume_ml: NotRequired[float]
+    right_lung_infected_pct: NotRequired[float]
+    right_lung_grade: NotRequired[int]
+    total_grade: NotRequired[int]
+
+
+def _lung(lung: np.ndarray, infected: np.ndarray, voxel_ml: float) -> tuple[float, float, int]:
+    """(volume in mL, % infected, extent grade) of one lung's boolean mask."""
+    volume = int(lung.sum())
+    percent = 100.0 * int((lung & infected).sum()) / volume if volume else float("nan")
+    return round(volume * voxel_ml, 3), round(percent, 3), extent_grade(percent)
+
+
 def severity(
     labels: np.ndarray, spacing: tuple[float, float, float], scheme: LabelScheme
-) -> dict[str, float | int]:
+) -> Severity:
     """Lesion volume and involved slices; with lung labels, per-lung volumes, % and grades."""
     voxel_ml = math.prod(spacing) / 1000.0
     infected = labels == scheme.infection
-    out: dict[str, float | int] = {
+    out: Severity = {
         "lesion_volume_ml": round(float(infected.sum()) * voxel_ml, 3),
         "slices_involved": int(infected.any(axis=(1, 2)).sum()),
         "slices_total": int(labels.shape[0]),
@@ -36,12 +59,9 @@ def severity(
     if not scheme.multi:
         return out
     lungs = whole_lungs(labels, spacing)
-    for side, name in ((LEFT_LUNG, "left"), (RIGHT_LUNG, "right")):
-        lung = lungs == side
-        volume = int(lung.sum())
-        percent = 100.0 * int((lung & infected).sum()) / volume if volume else float("nan")
-        out[f"{name}_lung_volume_ml"] = round(volume * voxel_ml, 3)
-        out[f"{name}_lung_infected_pct"] = round(percent, 3)
-        out[f"{name}_lung_grade"] = extent_grade(percent)
-    out["total_grade"] = int(out["left_lung_grade"]) + int(out["right_lung_grade"])
+    left = _lung(lungs == LEFT_LUNG, infected, voxel_ml)
+    out["left_lung_volume_ml"], out["left_lung_infected_pct"], out["left_lung_grade"] = left
+    right = _lung(lungs == RIGHT_LUNG, infected, voxel_ml)
+    out["right_lung_volume_ml"], out["right_lung_infected_pct"], out["right_lung_grade"] = right
+    out["total_grade"] = left[2] + right[2]
     return out

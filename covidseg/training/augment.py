@@ -28,7 +28,9 @@ def _affine_theta(angle_deg: float, scale: float) -> torch.Tensor:
     return torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]], dtype=torch.float32)
 
 
-def _warp(image: np.ndarray, mask: np.ndarray, theta: torch.Tensor):
+def _warp(
+    image: np.ndarray, mask: np.ndarray, theta: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
     """Apply one affine to image (bilinear, border padding) and mask (nearest, zeros)."""
     img = torch.from_numpy(image)[None, None]
     msk = torch.from_numpy(mask.astype(np.float32))[None, None]

@@ -13,7 +13,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -23,20 +23,39 @@ from covidseg.atomic import atomic_file
 log = logging.getLogger(__name__)
 
 
+class EpochRow(TypedDict):
+    """One epoch of training, as `State.history` keeps it and the per-epoch log shows it."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float | None  # None without validation cases
+    val_dice: float | None
+    lr: float
+    seconds: float
+
+
+class Parts(TypedDict):
+    """The objects whose state dicts a checkpoint holds besides `State`."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
 @dataclass
 class State:
     """Everything a checkpoint holds besides the state dicts of model, optimizer, scheduler."""
 
     epoch: int = 0
     run_id: str | None = None
-    history: list[dict] | None = None
+    history: list[EpochRow] | None = None
     best_epoch: int = 0
     best_dice: float = -1.0
     bad_epochs: int = 0
     complete: bool = False
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, object]:
     """Every random generator's state as tensors and plain data."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, py_gauss = random.getstate()
@@ -60,13 +79,15 @@ def set_rng_state(saved: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(saved["cuda"])
 
 
-def save_checkpoint(path: Path, state: State, parts: dict[str, Any], fp: str) -> None:
+def save_checkpoint(path: Path, state: State, parts: Parts, fp: str) -> None:
     """Write the resumable checkpoint atomically."""
     payload = {
         "fingerprint": fp,
         "state": asdict(state),
         "rng": rng_state(),
-        **{name: obj.state_dict() for name, obj in parts.items()},
+        "model": parts["model"].state_dict(),
+        "optimizer": parts["optimizer"].state_dict(),
+        "scheduler": parts["scheduler"].state_dict(),
     }
     with atomic_file(path) as tmp:
         torch.save(payload, tmp)
@@ -92,7 +113,7 @@ def _read(path: Path) -> dict[str, Any] | None:
     return payload
 
 
-def load_checkpoint(path: Path, parts: dict[str, Any], fp: str) -> State | None:
+def load_checkpoint(path: Path, parts: Parts, fp: str) -> State | None:
     """Restore a checkpoint made with the same params; None when there is none to resume."""
     if not path.exists():
         return None
@@ -107,8 +128,9 @@ def load_checkpoint(path: Path, parts: dict[str, Any], fp: str) -> State | None:
         log.info("%s holds a finished run; starting afresh", path)
         return None
     try:
-        for name, obj in parts.items():
-            obj.load_state_dict(payload[name])
+        parts["model"].load_state_dict(payload["model"])
+        parts["optimizer"].load_state_dict(payload["optimizer"])
+        parts["scheduler"].load_state_dict(payload["scheduler"])
         set_rng_state(payload["rng"])
         return State(**payload["state"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:

@@ -20,7 +20,7 @@ from covidseg.data.store import read_meta
 from covidseg.training.augment import augment_batch, augment_slice, draw
 
 
-class SliceDataset(Dataset):
+class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Every slice of the given stores; an item is `(index, seed)` or a plain index."""
 
     def __init__(
@@ -42,7 +42,7 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.refs)
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, object]:
         state = self.__dict__.copy()
         state["_files"] = {}
         return state
@@ -76,7 +76,7 @@ def sampling_weights(positive: np.ndarray, positive_fraction: float) -> np.ndarr
     return np.where(positive, positive_fraction / n_pos, (1 - positive_fraction) / n_neg)
 
 
-class BalancedSampler(Sampler):
+class BalancedSampler(Sampler[tuple[int, int]]):
     """Seeded draws with replacement, yielding `(index, augmentation seed)`; DDP-aware.
 
     The draws of epoch e depend only on (seed, e): a resumed run sees the same slices, and
@@ -113,7 +113,7 @@ class BalancedSampler(Sampler):
             yield int(draws[i]), int(seeds[i])
 
 
-class DrawnSlices(Dataset):
+class DrawnSlices(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
     """A `SliceDataset` read plain, each item with its slice's `Draw.row` for `augment_batch`.
 
     The draws come from the same seeded generator as the dataset's own augmentation, so a

@@ -16,12 +16,15 @@ class SegmentationLoss(nn.Module):
         super().__init__()
         self.binary = classes == 1
         self.pixel = nn.BCEWithLogitsLoss() if self.binary else nn.CrossEntropyLoss()
-        self.dice = DiceLoss(mode="binary" if self.binary else "multiclass", from_logits=True)
+        mode = "binary" if self.binary else "multiclass"
+        self.dice: nn.Module = DiceLoss(mode=mode, from_logits=True)  # SMP is untyped
         self.weights = (params.bce_weight, params.dice_weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """`logits` (B, C, H, W); `target` (B, H, W) integer labels."""
         logits = logits.float()
+        pixel: torch.Tensor  # what the loss modules return (`Module.__call__` is untyped)
+        dice: torch.Tensor
         if self.binary:
             pixel = self.pixel(logits[:, 0], target.float())
             dice = self.dice(logits, target[:, None])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import segmentation_models_pytorch as smp
 import torch
 
+from covidseg.config import DeviceChoice
 from covidseg.errors import CovidSegError
 from covidseg.modelnames import check_model_names
 
@@ -15,7 +16,7 @@ def build_model(
     """One-channel CT in, `classes` logit maps out."""
     check_model_names(arch, encoder)
     try:
-        return smp.create_model(
+        model: torch.nn.Module = smp.create_model(  # SMP is untyped
             arch,
             encoder_name=encoder,
             encoder_weights=encoder_weights,
@@ -32,9 +33,10 @@ def build_model(
         ) from None
     except (KeyError, ValueError) as error:
         raise CovidSegError(f"cannot build {arch} with encoder {encoder}: {error}") from None
+    return model
 
 
-def resolve_device(choice: str) -> torch.device:
+def resolve_device(choice: DeviceChoice) -> torch.device:
     """`auto` picks cuda, then mps, then cpu; an explicit choice must be available."""
     available = {
         "cuda": torch.cuda.is_available(),

@@ -19,12 +19,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Literal, TypedDict, cast, get_args
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from covidseg.atomic import atomic_file, write_json_atomic, write_text_atomic
@@ -37,7 +37,7 @@ from covidseg.errors import CovidSegError
 from covidseg.precision import autocast
 from covidseg.stage import check_interrupt
 from covidseg.tracking import Tracker
-from covidseg.training.checkpoint import State, load_checkpoint, save_checkpoint
+from covidseg.training.checkpoint import EpochRow, Parts, State, load_checkpoint, save_checkpoint
 from covidseg.training.dataset import BalancedSampler, DrawnSlices, SliceDataset
 from covidseg.training.losses import SegmentationLoss
 from covidseg.training.model import build_model, resolve_device
@@ -46,7 +46,24 @@ from covidseg.training.validation import validate
 
 log = logging.getLogger(__name__)
 
-LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds")
+# the per-epoch log's columns: the keys of `EpochRow`
+LogColumn = Literal["epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds"]
+LOG_COLUMNS: tuple[LogColumn, ...] = get_args(LogColumn)
+Batch = tuple[torch.Tensor, ...]  # a dataset item: (image, mask), or (image, mask, draws)
+
+
+class TrainSummary(TypedDict):
+    """`metrics/train.json`: the best epoch, the last epoch's losses and the run's speed."""
+
+    fold: int
+    best_epoch: int
+    best_val_dice: float | None
+    epochs_run: int
+    final_train_loss: float | None
+    final_val_loss: float | None
+    slices_per_s: float | None
+    world_size: int
+    ranks_in_sync: bool
 
 
 @dataclass(frozen=True)
@@ -108,7 +125,7 @@ def store_paths(data_dir: Path, cases: list[str]) -> list[Path]:
 
 def make_loader(
     dataset: SliceDataset, params: Params, dist_info: Dist, device: torch.device
-) -> DataLoader:
+) -> DataLoader[Batch]:
     """Balanced, seeded draws; one epoch is `steps_per_epoch` batches or one pass.
 
     On CUDA with `train.gpu_augment`, workers only read slices and draw each slice's
@@ -126,7 +143,7 @@ def make_loader(
         world_size=dist_info.world_size,
     )
     workers = params.runtime.num_workers
-    source: SliceDataset | DrawnSlices = dataset
+    source: Dataset[Batch] = dataset
     if device.type == "cuda" and tp.gpu_augment and dataset.augment is not None:
         source = DrawnSlices(dataset, dataset.augment)  # workers read, the GPU augments
     return DataLoader(
@@ -189,7 +206,7 @@ class LossMeter:
 
 
 def device_batch(
-    batch: list[torch.Tensor], loader: DataLoader, device: torch.device
+    batch: list[torch.Tensor], loader: DataLoader[Batch], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A loader batch on `device`, augmented there when the loader only drew the parameters."""
     image = batch[0].to(device, non_blocking=True)
@@ -211,7 +228,8 @@ def _forward_loss(
 ) -> torch.Tensor:
     """Logits of `model` and their loss, under bf16 autocast on CUDA when asked."""
     with autocast(image.device, bf16):
-        return loss_fn(model(image), target)
+        loss: torch.Tensor = loss_fn(model(image), target)  # `Module.__call__` is untyped
+        return loss
 
 
 @functools.cache
@@ -228,7 +246,7 @@ def forward_loss(compile_: bool, device: torch.device) -> Callable[..., torch.Te
 
 def train_epoch(
     model: torch.nn.Module,
-    loader: DataLoader,
+    loader: DataLoader[Batch],
     loss_fn: SegmentationLoss,
     optimizer: torch.optim.Optimizer,
     *,
@@ -283,7 +301,7 @@ def ranks_in_sync(model: torch.nn.Module, dist_info: Dist) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def write_log(path: Path, history: list[dict]) -> None:
+def write_log(path: Path, history: list[EpochRow]) -> None:
     """Per-epoch CSV that `dvc plots` draws; rewritten whole from the checkpoint's history."""
     lines = [",".join(LOG_COLUMNS)]
     for row in history:
@@ -311,7 +329,7 @@ def model_spec(params: Params, state: State, fold: int) -> ModelSpec:
     )
 
 
-def build_parts(params: Params, classes: int, device: torch.device) -> dict:
+def build_parts(params: Params, classes: int, device: torch.device) -> Parts:
     """Model, optimizer and scheduler: the objects a checkpoint restores."""
     tp = params.train
     model = build_model(params.arch, params.encoder, tp.encoder_weights, classes).to(device)
@@ -328,7 +346,7 @@ def build_parts(params: Params, classes: int, device: torch.device) -> dict:
 
 def end_of_epoch(
     state: State,
-    row: dict,
+    row: EpochRow,
     params: Params,
     model: torch.nn.Module,
     *,
@@ -357,11 +375,11 @@ class Run:
     dist: Dist
     device: torch.device
     scheme: LabelScheme
-    parts: dict
+    parts: Parts
     net: torch.nn.Module
-    loader: DataLoader
+    loader: DataLoader[Batch]
     loss_fn: SegmentationLoss
-    val_cases: dict
+    val_cases: dict[str, dict[str, np.ndarray]]  # validation case -> its stored arrays
     state: State
     fp: str
     tracker: Tracker | None
@@ -437,7 +455,7 @@ def record_epoch(run: Run, epoch: int, train_loss: float, lr: float, *, start: f
             infection_label=run.scheme.infection,
             threshold=run.params.evaluate.threshold,
         )
-    row = {
+    row: EpochRow = {
         "epoch": epoch,
         "train_loss": train_loss,
         "val_loss": val_loss,
@@ -451,7 +469,8 @@ def record_epoch(run: Run, epoch: int, train_loss: float, lr: float, *, start: f
     save_checkpoint(run.paths.checkpoint_dir / "last.pt", run.state, run.parts, run.fp)
     write_log(run.paths.log, run.state.history or [])
     if run.tracker:
-        run.tracker.log_metrics({**row, **{f"val_dice.{c}": d for c, d in dices.items()}}, epoch)
+        metrics = {c: row[c] for c in LOG_COLUMNS} | {f"val_dice.{c}": d for c, d in dices.items()}
+        run.tracker.log_metrics(metrics, epoch)
     return stop
 
 
@@ -481,7 +500,7 @@ def one_epoch(run: Run, epoch: int) -> tuple[bool, float]:
         show=run.dist.main,
     )
     check_explosion(run, epoch, train_loss)
-    lr = run.parts["scheduler"].get_last_lr()[0]
+    lr = float(run.parts["scheduler"].get_last_lr()[0])  # a float (torch allows a tensor lr)
     run.parts["scheduler"].step()
     speed = seen * run.dist.world_size / (time.perf_counter() - start)
     stop = torch.zeros(1, device=run.device)  # nccl only carries device tensors
@@ -492,8 +511,9 @@ def one_epoch(run: Run, epoch: int) -> tuple[bool, float]:
     return bool(stop.item()), speed
 
 
-def train(params: Params, paths: TrainPaths, *, fold: int = 0) -> dict:
-    """Train (or resume) one fold and write its model folder, metrics and per-epoch log."""
+def train(params: Params, paths: TrainPaths, *, fold: int = 0) -> TrainSummary | None:
+    """Train (or resume) one fold and write its model folder, metrics and per-epoch log; the
+    summary in `metrics/train.json` (None on the other ranks of a DDP run)."""
     run = setup(params, paths, fold)
     speed = 0.0
     try:
@@ -506,7 +526,7 @@ def train(params: Params, paths: TrainPaths, *, fold: int = 0) -> dict:
             run.tracker.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
     in_sync = ranks_in_sync(run.module, run.dist)
-    summary = {}
+    summary = None
     if run.dist.main:
         summary = finish(
             params,
@@ -536,18 +556,18 @@ def finish(
     dist_info: Dist,
     in_sync: bool,
     tracker: Tracker | None,
-) -> dict:
+) -> TrainSummary:
     """Export the best weights as the model folder and write `metrics/train.json`."""
     best = torch.load(paths.checkpoint_dir / "best.pt", map_location="cpu", weights_only=True)
     save_model(paths.model_dir, best, model_spec(params, state, fold))
-    last = (state.history or [{}])[-1]
-    summary = {
+    last = state.history[-1] if state.history else None
+    summary: TrainSummary = {
         "fold": fold,
         "best_epoch": state.best_epoch,
-        "best_val_dice": state.best_dice if last.get("val_dice") is not None else None,
+        "best_val_dice": state.best_dice if last and last.get("val_dice") is not None else None,
         "epochs_run": state.epoch,
-        "final_train_loss": last.get("train_loss"),
-        "final_val_loss": last.get("val_loss"),
+        "final_train_loss": last.get("train_loss") if last else None,
+        "final_val_loss": last.get("val_loss") if last else None,
         "slices_per_s": round(speed, 3) if speed else None,
         "world_size": dist_info.world_size,
         "ranks_in_sync": in_sync,
