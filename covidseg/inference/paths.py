@@ -24,10 +24,10 @@ def for_scan(
     *,
     options: InferenceOptions,
     hu_window: tuple[float, float] | None,
-) -> tuple[torch.nn.Module, np.ndarray | None]:
+) -> tuple[torch.nn.Module, np.ndarray]:
     """The model to run on this scan (its int8 copy under `int8`) and the slices' boxes (the
-    body boxes under `options.crop`, None for whole slices); `hu_window` is the model's."""
-    boxes = crop_boxes(image, options, hu_window) if options.crop else None
+    body boxes under `options.crop`, else whole slices); `hu_window` is the model's."""
+    boxes = crop_boxes(image, options, hu_window)
     if options.precision == "int8":
         model = int8_model(model, image, device, options)
     return model, boxes
