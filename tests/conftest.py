@@ -1,11 +1,14 @@
 """Shared fixtures: synthetic cases, a folder mirror of the archives, a loopback HTTP mirror,
-extracted and prepared phantoms, small model folders and fitted networks, an MLflow store.
+extracted and prepared phantoms, small model folders and fitted networks, an MLflow store, a
+reproduced cross-validation repository.
 
 What is expensive and only read is built once per session (under `tmp_path_factory`): the
 mirror, the extracted archives, the prepared stores of each configuration, the model folder,
-the fitted networks and an empty MLflow database. No test may write into them: a test that
-changes its inputs takes a fixture that copies them into its own `tmp_path` (`raw_dir`) or
-builds its own (`tracked`: a copy of the empty database).
+the fitted networks, an empty MLflow database and a tiny CV run through `dvc repro`. No test
+may write into them: a test that changes its inputs takes a fixture that copies them into its
+own `tmp_path` (`raw_dir`, `pipeline_repo.copy_repo`) or builds its own (`tracked`: a copy of
+the empty database). Under pytest-xdist each worker builds what its tests use; the tests that
+share the CV repository run on one worker (`xdist_group("cv")`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 import pytest
 from mirror_server import Mirror, MirrorServer
 from phantoms import PhantomCase, default_cases, write_archives
+from pipeline_repo import CvRepo
 
 if TYPE_CHECKING:
     import torch
@@ -222,3 +226,29 @@ def tracked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_db: Pa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     monkeypatch.chdir(tmp_path)
     return db
+
+
+# --- a reproduced cross-validation --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def cv_repo(tmp_path_factory: pytest.TempPathFactory, mirror: Mirror) -> CvRepo:
+    """A tiny three-fold CV (TINY, kfold) reproduced as an interrupted CV is: `dvc repro
+    train@0 train@1`, then `dvc repro`; results committed. Read-only: a test works in a copy
+    (`pipeline_repo.copy_repo`)."""
+    from pipeline_repo import dvc, make_repo, run
+    from tiny import TINY, merge
+
+    params = merge(
+        TINY,
+        {
+            "split": {"folds": [0, 1, 2]},
+            "download": {"base_url": str(mirror.dir), "sha256": mirror.sha256},
+        },
+    )
+    repo = make_repo(tmp_path_factory.mktemp("cv") / "repo", params)
+    first = dvc(repo, "repro", "train@0", "train@1").stdout
+    second = dvc(repo, "repro").stdout
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "baseline results")
+    return CvRepo(path=repo, first=first, second=second)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,4 +68,35 @@ def make_repo(dest: Path, params: dict) -> Path:
         shutil.copy(config, dest / ".dvc" / "config")
     run(dest, "git", "add", "-A")
     run(dest, "git", "commit", "-qm", "pipeline")
+    return dest
+
+
+@dataclass(frozen=True)
+class CvRepo:
+    """A pipeline repository after a tiny three-fold CV, committed (the `cv_repo` fixture);
+    `first` and `second` are the outputs of its two `dvc repro` runs: folds 0 and 1, then the
+    whole pipeline."""
+
+    path: Path
+    first: str
+    second: str
+
+
+def copy_repo(source: Path, dest: Path) -> Path:
+    """A copy of a pipeline repository (git, DVC cache, MLflow store) at `dest`. The MLflow
+    store records absolute artifact locations: they are rewritten to `dest`, so nothing the
+    copy runs writes into `source`."""
+    shutil.copytree(source, dest, symlinks=True)
+    db = dest / "mlflow.db"
+    if db.exists():
+        old, new = str(source.absolute()), str(dest.absolute())
+        with closing(sqlite3.connect(db)) as connection, connection:
+            tables = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            for (table,) in tables.fetchall():
+                for column in connection.execute(f"PRAGMA table_info('{table}')").fetchall():
+                    name, kind = column[1], str(column[2]).upper()
+                    if "CHAR" in kind or "TEXT" in kind:
+                        connection.execute(
+                            f'UPDATE "{table}" SET "{name}" = replace("{name}", ?, ?)', (old, new)
+                        )
     return dest

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_repo import dvc, make_repo, run
-from tiny import TINY, merge
+from pipeline_repo import CvRepo, copy_repo, dvc, run
+from tiny import merge
 
-pytestmark = pytest.mark.slow
-FOLDS = {"split": {"folds": [0, 1]}}
-FOLD_STAGES = ("train@0", "train@1", "evaluate@0", "evaluate@1")
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cv")]
+FOLD_STAGES = {f"{stage}@{fold}" for stage in ("train", "evaluate") for fold in range(3)}
 
 
 def changed(repo: Path) -> set[str]:
@@ -30,14 +29,8 @@ def ran(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
 
 
-def test_predict_code_and_mlflow_settings_rerun_no_fold(tmp_path: Path, mirror) -> None:
-    params = merge(TINY, FOLDS) | {
-        "download": {"base_url": str(mirror.dir), "sha256": mirror.sha256}
-    }
-    repo = make_repo(tmp_path / "repo", params)
-    dvc(repo, "repro")
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-qm", "results")
+def test_predict_code_and_mlflow_settings_rerun_no_fold(tmp_path: Path, cv_repo: CvRepo) -> None:
+    repo = copy_repo(cv_repo.path, tmp_path / "repo")  # the three-fold CV, reproduced
     assert changed(repo) == set()
 
     # (a) the int8 module, the crop and predict: no stage runs them under the default params
@@ -56,13 +49,13 @@ def test_predict_code_and_mlflow_settings_rerun_no_fold(tmp_path: Path, mirror) 
 
     # the control: a change to what a fold computes does rerun it
     set_params(repo, {"tracking": {"alias": "champion"}, "evaluate": {"tta_flip": True}})
-    assert changed(repo) == {"evaluate@0", "evaluate@1"}  # aggregate follows their outputs
+    assert changed(repo) == {"evaluate@0", "evaluate@1", "evaluate@2"}  # aggregate follows
     run(repo, "git", "checkout", "--", "params.yaml")
 
     # a real experiment with another alias runs aggregate alone and registers the ensemble
     result = dvc(repo, "exp", "run", "-S", "tracking.alias=other")
     assert ran(result.stdout) == ["aggregate"], result.stdout
-    assert not set(FOLD_STAGES) & set(ran(result.stdout))
+    assert not FOLD_STAGES & set(ran(result.stdout))
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")

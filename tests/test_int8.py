@@ -18,7 +18,10 @@ from covidseg.inference.segment import InferenceOptions
 from covidseg.training.model import build_model
 
 CPU = torch.device("cpu")
-pytestmark = pytest.mark.skipif(not quantize.int8_available(), reason="no oneDNN int8 engine")
+pytestmark = [
+    pytest.mark.skipif(not quantize.int8_available(), reason="no oneDNN int8 engine"),
+    pytest.mark.xdist_group("int8"),  # one fitted model (`trained`) for the module
+]
 FP32 = InferenceOptions(batch_size=4, precision="fp32")
 INT8 = InferenceOptions(batch_size=4, precision="int8")
 

@@ -35,7 +35,7 @@ from covidseg.training.train import TrainPaths, train
 if TYPE_CHECKING:
     from playwright.sync_api import Locator, Page
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow-ui")]
 
 PARAMS = Params.model_validate(merge(TINY, {"train": {"epochs": 1, "steps_per_epoch": 2}}))
 # The bytes behind an <img>'s (blob:) source, hashed in the page: what the preview shows.

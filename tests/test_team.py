@@ -33,7 +33,7 @@ from pipeline_repo import ROOT, dvc, env, make_repo, run
 from team_stack import SCRIPT, TeamStack, missing_tools
 from tiny import TINY, merge
 
-pytestmark = [pytest.mark.team, pytest.mark.slow]
+pytestmark = [pytest.mark.team, pytest.mark.slow, pytest.mark.xdist_group("team")]
 
 CLIENT_ENV = ("MLFLOW_", "AWS_", "DVC_")
 DVC_OUTPUTS = ("data/raw", "data/prepared", "data/splits.json", "models/fold-0", "reports")

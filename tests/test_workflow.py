@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from pipeline_repo import dvc, env, make_repo, run
-from tiny import TINY, merge
+from pipeline_repo import CvRepo, copy_repo, dvc, env
+from tiny import merge
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cv")]
 
 
 def mlflow_runs(repo: Path) -> list:
@@ -57,6 +58,8 @@ EXP_SHOW = (
     "Created|State|Executor|.*/.*|folds\\..*|counts\\..*|iou.*|sensitivity.*|precision.*|.*volume.*",
 )
 
+ONE_FOLD = ("-S", "split.folds=[0]", "-S", "train.epochs=1")
+
 
 def wait_for_queue(repo: Path, timeout: float = 900) -> str:
     """Poll `dvc queue status` until nothing is queued or running."""
@@ -70,20 +73,19 @@ def wait_for_queue(repo: Path, timeout: float = 900) -> str:
 
 
 @pytest.fixture
-def repo(tmp_path: Path, mirror) -> Path:
-    params = {**TINY, "download": {"base_url": str(mirror.dir), "sha256": mirror.sha256}}
-    return make_repo(tmp_path / "repo", params)
+def repo(tmp_path: Path, cv_repo: CvRepo) -> Path:
+    """A copy of the reproduced three-fold CV, the test's own."""
+    return copy_repo(cv_repo.path, tmp_path / "repo")
 
 
-THREE_FOLDS = {"split": {"folds": [0, 1, 2]}}
-
-
-def test_cross_validation_repro_table_folds_mlflow_and_exp_diff(repo: Path) -> None:
-    set_params(repo, THREE_FOLDS)
-    # an interrupted CV: two folds finished, then the whole pipeline
-    dvc(repo, "repro", "train@0", "train@1")
-    result = dvc(repo, "repro")
-    ran = [line for line in result.stdout.splitlines() if line.startswith("Running stage")]
+def test_cross_validation_repro_table_folds_mlflow_and_exp_diff(
+    cv_repo: CvRepo, repo: Path
+) -> None:
+    # an interrupted CV (`dvc repro train@0 train@1`), then the whole pipeline: see `cv_repo`
+    first = [line for line in cv_repo.first.splitlines() if line.startswith("Running stage")]
+    assert "Running stage 'train@0':" in first and "Running stage 'train@1':" in first
+    assert not any("'train@2'" in line or "evaluate" in line for line in first), first
+    ran = [line for line in cv_repo.second.splitlines() if line.startswith("Running stage")]
     assert "Running stage 'train@2':" in ran
     assert not any("'train@0'" in line or "'train@1'" in line for line in ran), ran
     for stage in ("evaluate@0", "evaluate@1", "evaluate@2", "aggregate"):
@@ -118,8 +120,6 @@ def test_cross_validation_repro_table_folds_mlflow_and_exp_diff(repo: Path) -> N
     assert all("dice" in r.data.metrics and "val_dice" in r.data.metrics for r in children)
     assert parent.data.tags.get("mlflow.source.git.commit")
 
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-qm", "baseline results")
     dvc(repo, "exp", "run", "-S", "encoder=efficientnet-b0")
     diff = json.loads(dvc(repo, "metrics", "diff", "--json").stdout)
     dice = diff["metrics/evaluate.json"]["dice"]
@@ -134,12 +134,13 @@ def test_cross_validation_repro_table_folds_mlflow_and_exp_diff(repo: Path) -> N
 
 
 def test_queued_single_fold_experiments_land_in_the_real_store(repo: Path) -> None:
-    dvc(repo, "exp", "run", "--queue", "-S", "train.seed=1", "-S", "train.epochs=1")
-    dvc(repo, "exp", "run", "--queue", "-S", "train.seed=2", "-S", "train.epochs=1")
+    before = {r.info.run_id for r in mlflow_runs(repo)}
+    for seed in ("1", "2"):
+        dvc(repo, "exp", "run", "--queue", *ONE_FOLD, "-S", f"train.seed={seed}")
     dvc(repo, "queue", "start")
     status = wait_for_queue(repo)
     assert status.count("Success") == 2, status
-    runs = mlflow_runs(repo)
+    runs = [r for r in mlflow_runs(repo) if r.info.run_id not in before]
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)  # 2 x (CV + fold)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len({r.data.tags.get("dvc.exp_name") for r in parents}) == 2
@@ -147,13 +148,12 @@ def test_queued_single_fold_experiments_land_in_the_real_store(repo: Path) -> No
 
 
 def test_interrupted_repro_resumes_and_matches_an_uninterrupted_run(
-    repo: Path, tmp_path: Path, mirror
+    repo: Path, tmp_path: Path, cv_repo: CvRepo
 ) -> None:
     longer = {"train": {"epochs": 3}}
-    dvc(repo, "repro", "prepare")
-    params_path = repo / "params.yaml"
-    params = merge(yaml.safe_load(params_path.read_text()), longer)
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    set_params(repo, longer)
+    shutil.rmtree(repo / "models" / "checkpoints")  # a fold never trained in this workspace
+    before = {r.info.run_id for r in mlflow_runs(repo)}
     process = subprocess.Popen(
         [sys.executable, "-m", "dvc", "repro", "train@0"],
         cwd=repo,
@@ -178,12 +178,12 @@ def test_interrupted_repro_resumes_and_matches_an_uninterrupted_run(
     assert f"resuming after epoch {done}" in resumed.stdout + resumed.stderr
     log = read_log(repo)
     assert [int(float(r["epoch"])) for r in log] == [1, 2, 3]
-    assert len(mlflow_runs(repo)) == 2  # the resumed fold kept its run (and its CV parent)
+    new = [r for r in mlflow_runs(repo) if r.info.run_id not in before]
+    assert len(new) == 2  # the resumed fold kept its run (and its CV parent)
 
-    reference = make_repo(
-        tmp_path / "reference",
-        merge({**TINY, "download": {"base_url": str(mirror.dir), "sha256": mirror.sha256}}, longer),
-    )
+    reference = copy_repo(cv_repo.path, tmp_path / "reference")
+    set_params(reference, longer)
+    shutil.rmtree(reference / "models" / "checkpoints")
     dvc(reference, "repro", "train@0")
     assert [r["train_loss"] for r in read_log(reference)] == [r["train_loss"] for r in log]
     assert [r["val_dice"] for r in read_log(reference)] == [r["val_dice"] for r in log]
