@@ -12,8 +12,8 @@ torch.export, writing the archive, MLflow's check of the input example, which lo
 and runs it once more) and of reloading, and the peak resident memory of the process.
 
 The defaults are the study's model (UnetPlusPlus / densenet201, 5 folds at 512 px: about 1 GB of
-weights, several minutes on two cores); `--quick` (`--encoder resnet18 --size 64 --folds 2`) is a
-smoke check.
+weights, several minutes on two cores); `--quick` (Unet / resnet18, 64 px, 2 folds) is a smoke
+check.
 
 Usage: .venv/bin/python bench/ensemble_log.py [--quick] [--folds N] [--arch A] [--encoder E]
        [--size S]
@@ -195,11 +195,11 @@ def main() -> None:
     parser.add_argument("--encoder", default="densenet201")
     parser.add_argument("--size", type=int, default=None, help="image size (default: params')")
     parser.add_argument(
-        "--quick", action="store_true", help="smoke check: --encoder resnet18 --size 64 --folds 2"
+        "--quick", action="store_true", help="smoke check: Unet(resnet18), 64 px, 2 folds"
     )
     args = parser.parse_args()
     if args.quick:
-        args.encoder, args.size, args.folds = "resnet18", 64, 2
+        args.arch, args.encoder, args.size, args.folds = "Unet", "resnet18", 64, 2
     start_note = machine_note()
     torch.set_num_threads(os.cpu_count() or 1)
     params = bench_params(args)
