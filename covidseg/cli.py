@@ -12,7 +12,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from covidseg import __version__
-from covidseg.config import CPU_BATCH_SIZE, DEVICE_CHOICES, GPU_BATCH_SIZE, PRECISIONS, one_of
+from covidseg.config import (
+    CPU_BATCH_SIZE,
+    DEVICE_CHOICES,
+    GPU_BATCH_SIZE,
+    OUTPUT_FORMATS,
+    PRECISIONS,
+    one_of,
+)
 from covidseg.errors import CovidSegError
 from covidseg.log import configure
 
@@ -41,7 +48,12 @@ def parser() -> argparse.ArgumentParser:
         "predict", help="segment new CT scans and write label volumes and severity reports"
     )
     predict.add_argument(
-        "inputs", nargs="+", type=Path, metavar="CT", help=".nii/.nii.gz scan or a folder of them"
+        "inputs",
+        nargs="+",
+        type=Path,
+        metavar="CT",
+        help=".nii/.nii.gz scan, a folder of them, or a folder holding a DICOM CT series (any "
+        "file names, nested folders)",
     )
     predict.add_argument(
         "--model",
@@ -50,6 +62,20 @@ def parser() -> argparse.ArgumentParser:
         "folder (models/fold-0) or an MLflow URI (models:/<name>@<alias>, runs:/<run id>/model)",
     )
     predict.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    predict.add_argument(
+        "--series",
+        action="append",
+        default=[],
+        metavar="UID",
+        help="segment the DICOM series of this SeriesInstanceUID (repeat for several); needed "
+        "where a folder holds more than one CT series",
+    )
+    predict.add_argument(
+        "--output-format",
+        choices=OUTPUT_FORMATS,
+        help="label output: NIfTI, DICOM-SEG or both (default: both for a DICOM series, nifti "
+        "for a NIfTI scan)",
+    )
     predict.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     predict.add_argument(
         "--batch-size",
@@ -91,7 +117,15 @@ def run_predict(args: argparse.Namespace) -> int:
         crop=args.crop,
     )
     predictor = load_predictor(args.model, device, options)
-    failures = predict_many(predictor, args.inputs, args.output, on_result=show_result)
+    fmt = args.output_format  # argparse checked the choices
+    failures = predict_many(
+        predictor,
+        args.inputs,
+        args.output,
+        on_result=show_result,
+        series=frozenset(args.series),
+        output_format=None if fmt is None else one_of(fmt, OUTPUT_FORMATS, "--output-format"),
+    )
     return 1 if failures else 0
 
 

@@ -34,8 +34,12 @@ Precision = Literal["auto", "fp32", "bf16", "int8"]  # inference paths (README, 
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 DeviceChoice = Literal["auto", "cpu", "cuda", "mps"]  # `runtime.device`, `predict --device`
 DEVICE_CHOICES: tuple[DeviceChoice, ...] = get_args(DeviceChoice)
+OutputFormat = Literal["nifti", "dicom-seg", "both"]  # `predict --output-format`
+OUTPUT_FORMATS: tuple[OutputFormat, ...] = get_args(OutputFormat)
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 PositiveFloat = Annotated[float, Field(gt=0)]
+CREDENTIALS = re.compile(r"://[^/?#@\s]+@")  # the user:password@ of a URL
+HU_LIMIT = 100_000.0  # far beyond any CT value (about -1024 to 30000 HU)
 
 
 _Choice = TypeVar("_Choice", bound=str)
@@ -75,6 +79,22 @@ class DownloadParams(_Section):
         return value
 
 
+DatasetSource = Literal["zenodo-3757476", "folder"]
+ZENODO_SOURCE: DatasetSource = "zenodo-3757476"
+# DVC needs an existing path for the dataset folder dep; with the Zenodo source it is this
+# folder, the record described in the nnU-Net layout's terms (its dataset.json).
+ZENODO_DESCRIPTION = "covidseg/resources/zenodo-3757476"
+
+
+class DatasetParams(_Section):
+    """Which cases: the Zenodo record (`download`) or a folder in nnU-Net v2's raw layout."""
+
+    source: DatasetSource = ZENODO_SOURCE
+    folder: Annotated[str, Field(min_length=1)] = ZENODO_DESCRIPTION
+    infection_label: Annotated[str, Field(min_length=1)] | None = None  # None: by its name
+    encoding: Literal["hu", "uint8", "auto"] = "hu"  # folder images: HU, 0-255 window, by value
+
+
 class PrepareParams(_Section):
     """How volumes become normalised slice stores."""
 
@@ -89,6 +109,11 @@ class PrepareParams(_Section):
     def _window(cls, value: tuple[float, float]) -> tuple[float, float]:
         if not value[0] < value[1]:
             raise ValueError(f"needs low < high, got {list(value)}")
+        if max(abs(value[0]), abs(value[1])) > HU_LIMIT or value[1] - value[0] < 1:
+            raise ValueError(  # the window is applied in float32: 1e39 would overflow it
+                f"needs both ends within [-{HU_LIMIT:g}, {HU_LIMIT:g}] HU and at least 1 HU "
+                f"apart, got {list(value)}"
+            )
         return value
 
     @field_validator("image_size")
@@ -108,7 +133,7 @@ class SplitParams(_Section):
     # the folds this experiment trains and tests: all of them is the protocol; [0] a quick run
     folds: tuple[Annotated[int, Field(ge=0)], ...] = (0, 1, 2, 3, 4)
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0)] = 0  # numpy's generators take no negative seed
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -170,7 +195,7 @@ class TrainParams(_Section):
     positive_fraction: Annotated[float, Field(ge=0, le=1)] = 0.5
     steps_per_epoch: Annotated[int, Field(ge=1)] | None = None
     early_stopping_patience: Annotated[int, Field(ge=1)] | None = None
-    seed: int = 42
+    seed: Annotated[int, Field(ge=0)] = 42
     bf16: bool = True  # bf16 autocast on CUDA: part of the recipe (it changes the weights)
     compile: bool = False  # torch.compile the training step (CUDA graphs on CUDA)
     gpu_augment: bool = True  # on CUDA: augment batches on the GPU, workers only read
@@ -192,12 +217,34 @@ class RuntimeParams(_Section):
     device: DeviceChoice = "auto"
     num_workers: Annotated[int, Field(ge=0)] = 1
     eval_batch_size: Annotated[int, Field(ge=1)] = 8
+    prepare_workers: Annotated[int, Field(ge=1)] | None = None  # None: one per core
+
+
+# What `aggregate` may compare cross-validations by: a mean over every out-of-fold test case.
+PromoteMetric = Literal[
+    "dice",
+    "nsd",
+    "hd95",
+    "iou",
+    "sensitivity",
+    "precision",
+    "left_lung_dice",
+    "left_lung_nsd",
+    "right_lung_dice",
+    "right_lung_nsd",
+]
+LOWER_IS_BETTER = frozenset({"hd95"})  # a distance; every other metric is an overlap
 
 
 class TrackingParams(_Section):
+    """Where runs are recorded, and when a cross-validation's ensemble becomes `alias`."""
+
     experiment: Annotated[str, Field(min_length=1)] = "covidseg"
     registered_model: Annotated[str, Field(min_length=1)] = "covidseg"
     alias: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")] = "champion"
+    promote: Literal["if_better", "always", "never"] = "if_better"
+    promote_metric: PromoteMetric = "dice"
+    promote_direction: Literal["higher", "lower"] = "higher"
 
     @field_validator("alias")
     @classmethod
@@ -206,12 +253,23 @@ class TrackingParams(_Section):
             raise ValueError(f"{value!r} is reserved by the MLflow model registry")
         return value
 
+    @model_validator(mode="after")
+    def _direction_fits_the_metric(self) -> TrackingParams:
+        fits = "lower" if self.promote_metric in LOWER_IS_BETTER else "higher"
+        if self.promote_direction != fits:
+            raise ValueError(
+                f"promote_direction must be {fits} for {self.promote_metric}, "
+                f"got {self.promote_direction!r}"
+            )
+        return self
+
 
 class Params(_Section):
     """The whole of `params.yaml`."""
 
     arch: str = "UnetPlusPlus"
     encoder: str = "densenet201"
+    dataset: DatasetParams = DatasetParams()
     download: DownloadParams = DownloadParams()
     prepare: PrepareParams = PrepareParams()
     split: SplitParams = SplitParams()
@@ -234,6 +292,29 @@ class Params(_Section):
             raise ValueError(reason)
         return value
 
+    @model_validator(mode="after")
+    def _promote_metric_is_scored(self) -> Params:
+        metric = self.tracking.promote_metric
+        if "lung" in metric and self.prepare.target != "lung_infection":
+            raise ValueError(
+                f"tracking.promote_metric: {metric} is scored only with prepare.target: "
+                "lung_infection"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _folder_source(self) -> Params:
+        if self.dataset.source != "folder":
+            return self
+        if self.dataset.folder == ZENODO_DESCRIPTION:
+            raise ValueError("dataset.folder: name your dataset's folder (dataset.source: folder)")
+        if self.split.scheme == "benchmark":
+            raise ValueError(
+                "split.scheme: benchmark is the Zenodo record's folds; a folder dataset needs "
+                "split.scheme: kfold"
+            )
+        return self
+
 
 # Keys that moved: an old params.yaml gets one line naming the new place.
 MOVED_KEYS = {
@@ -245,24 +326,56 @@ MOVED_KEYS = {
 
 
 def _moved(raw: dict[str, Any]) -> list[str]:
-    """`train.device: moved to runtime.device` for each old key present."""
+    """`train.device: moved to runtime.device` for each old key present, nested or written
+    as one dotted key (`train.device: cpu`, as `dvc exp run -S` names it)."""
     found = []
     for (section, key), new in MOVED_KEYS.items():
-        if isinstance(raw.get(section), dict) and key in raw[section]:
+        nested = isinstance(raw.get(section), dict) and key in raw[section]
+        if nested or f"{section}.{key}" in raw:
             found.append(f"{section}.{key}: moved to {new}")
     return found
+
+
+def _unknown(loc: tuple[int | str, ...]) -> str:
+    """Why a key is unknown, with the place it may have meant."""
+    key = str(loc[-1])
+    if len(loc) == 1 and "." in key:
+        return "unknown key (params.yaml nests sections: `train:`, then `lr:` indented below)"
+    homes = [
+        f"{name}.{key}"
+        for name, field in Params.model_fields.items()
+        if isinstance(field.default, BaseModel) and key in type(field.default).model_fields
+    ]
+    return f"unknown key (did you mean {' or '.join(homes)}?)" if homes else "unknown key"
 
 
 def _one_line(error: ValidationError, source: str) -> str:
     """Turn pydantic's report into one line: `params.yaml: train.lr: must be > 0; ...`."""
     parts = []
     for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        where = ".".join(str(p) for p in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown key"
-        parts.append(f"{where}: {message}")
+            message = _unknown(item["loc"])
+        parts.append(f"{where}: {message}" if where else message)
     return f"{source}: " + "; ".join(parts)
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of every URL in it replaced (`https://***@host/...`), for
+    messages and tracked params that other accounts can read."""
+    return CREDENTIALS.sub("://***@", text)
+
+
+_SectionT = TypeVar("_SectionT", bound=BaseModel)
+
+
+def parse_section(section: type[_SectionT], raw: Any, source: str) -> _SectionT:
+    """Validate a mapping as one section (a model's recipe as `PrepareParams`); one line."""
+    try:
+        return section.model_validate(raw)
+    except ValidationError as error:
+        raise CovidSegError(_one_line(error, source)) from None
 
 
 def parse_params(raw: Any, source: str = "params") -> Params:

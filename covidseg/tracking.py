@@ -19,6 +19,7 @@ import os
 import subprocess
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 import numpy as np
 import torch
 
-from covidseg.config import Params, flatten
+from covidseg.config import Params, TrackingParams, flatten, redact
 from covidseg.errors import CovidSegError
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,12 @@ MODEL_NAME = "model"  # the model's name inside its run
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a run under its parent
 KEY_TAG = "covidseg.cv_key"  # the cross-validation a parent run stands for
 FOLD_TAG = "covidseg.fold"
+SPLIT_TAG = "covidseg.split"  # a registered version's evidence: its split scheme,
+CASES_TAG = "covidseg.test_cases"  # a digest of its (fold, test case) pairs,
+N_CASES_TAG = "covidseg.n_cases"
+SCORE_TAG = "covidseg.score."  # + metric: its mean over every out-of-fold test case
+DECISION_TAG = "covidseg.promotion"  # why it became `tracking.alias`, or did not
+CHALLENGER = "challenger"  # the alias of the newest registered version that was not promoted
 # how to run, which folds, and where to record: not what a fold computes (nor params of its
 # stages: renaming the experiment or the alias retrains nothing)
 NOT_LOGGED = ("runtime.", "split.folds", "tracking.")
@@ -116,8 +123,9 @@ def _run_name(params: Params) -> str:
 
 
 def _param_text(value: object) -> str:
-    """How a parameter value is stored (and compared when a run is reopened)."""
-    return str(value)
+    """How a parameter value is stored (and compared when a run is reopened); credentials in
+    a URL (`download.base_url`) are never stored: every account can read the params."""
+    return redact(str(value))
 
 
 def run_params(params: Params) -> dict[str, str]:
@@ -157,11 +165,83 @@ def _example_batch(example: np.ndarray) -> np.ndarray:
     return example if example.shape[0] > 1 else np.concatenate([example, example])
 
 
+@dataclass(frozen=True)
+class Evidence:
+    """What a cross-validation's registered ensemble is judged by, kept as version tags."""
+
+    scores: dict[str, float]  # metric -> mean over every out-of-fold test case (finite only)
+    split: str  # the split scheme, e.g. "kfold, 5 folds, seed 0"
+    cases: str  # a digest of the (fold, test case) pairs scored
+    n_cases: int
+
+    def tags(self) -> dict[str, str]:
+        """As registered model version tags."""
+        tags = {SPLIT_TAG: self.split, CASES_TAG: self.cases, N_CASES_TAG: str(self.n_cases)}
+        return tags | {f"{SCORE_TAG}{k}": repr(v) for k, v in self.scores.items()}
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str]) -> Evidence | None:
+        """What `tags` wrote; None for a version registered without evidence."""
+        if not all(k in tags for k in (SPLIT_TAG, CASES_TAG, N_CASES_TAG)):
+            return None
+        scores = {
+            k.removeprefix(SCORE_TAG): float(v) for k, v in tags.items() if k.startswith(SCORE_TAG)
+        }
+        return cls(scores, tags[SPLIT_TAG], tags[CASES_TAG], int(tags[N_CASES_TAG]))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a new version becomes `tracking.alias`, and the line that says why."""
+
+    promote: bool
+    line: str
+
+
+def judge(
+    new: Evidence,
+    version: str,
+    champion: tuple[str, Evidence | None] | None,
+    tracking: TrackingParams,
+) -> Decision:
+    """Promote `version` over the `champion` (its version and evidence, None if there is
+    none) as `tracking.promote` says: `if_better` only on a better headline, measured on the
+    same split and the same test cases."""
+    alias, metric = tracking.alias, tracking.promote_metric
+    mine = new.scores.get(metric)
+    said = f"{metric} {mine:.4f}" if mine is not None else f"{metric} undefined"
+    held = f"{alias} version {champion[0]}" if champion else f"no {alias}"
+    theirs = champion[1].scores.get(metric) if champion and champion[1] else None
+    vs = f"{said} vs {theirs:.4f} of {held}" if theirs is not None else f"{said}; {held}"
+    stays = f"version {version} registered as {CHALLENGER}: "
+    if tracking.promote == "never":
+        return Decision(False, f"{stays}{vs} (tracking.promote: never)")
+    if tracking.promote == "always":
+        return Decision(True, f"version {version} is now {alias}: {vs} (tracking.promote: always)")
+    if mine is None:
+        return Decision(False, f"{stays}its {said}")
+    if champion is None:
+        return Decision(True, f"version {version} is now {alias}: {said}, the first to compare")
+    old = champion[1]
+    always = "; tracking.promote: always would replace it"
+    if old is None or theirs is None:
+        return Decision(False, f"{stays}{held} has no recorded {metric} to compare with{always}")
+    if (old.split, old.cases) != (new.split, new.cases):
+        other = f"{old.split}, {old.n_cases} cases vs {new.split}, {new.n_cases} cases"
+        return Decision(False, f"{stays}{held} was scored on other test cases ({other}){always}")
+    same = f" on the same {new.n_cases} test case" + ("s" if new.n_cases != 1 else "")
+    better = mine > theirs if tracking.promote_direction == "higher" else mine < theirs
+    if better:
+        return Decision(True, f"version {version} is now {alias}: {vs}{same}")
+    return Decision(False, f"{stays}{said} does not beat {theirs:.4f} of {held}{same}")
+
+
 class Tracker:
     """One MLflow run. No method raises: the first failure prints one warning and turns it off."""
 
     def __init__(self) -> None:
         self.run_id: str | None = None
+        self._parent_id: str | None = None  # a fold's cross-validation run
         self._client: MlflowClient | None = None
         self._uri: str | None = None
         self._off = False
@@ -222,8 +302,32 @@ class Tracker:
             None,
         )
 
+    def tag(self, tags: Mapping[str, str]) -> None:
+        """Set tags on the run."""
+        self._attempt(lambda: self._tag(tags), None)
+
+    def register(
+        self,
+        model: torch.nn.Module,
+        input_example: np.ndarray,
+        *,
+        metadata: dict[str, Any],
+        evidence: Evidence,
+        tracking: TrackingParams,
+    ) -> str | None:
+        """Log `model` as `log_model` does, register it with `evidence` as version tags, and
+        move `tracking.alias` to it only as `tracking.promote` says (see `judge`), else alias
+        it `challenger`; one line says which. Its URI, or None if that failed."""
+        return self._attempt(
+            lambda: self._register(
+                model, input_example, metadata=metadata, evidence=evidence, tracking=tracking
+            ),
+            None,
+        )
+
     def end(self, status: str = "FINISHED") -> None:
-        """Close the run with `status`; later calls do nothing."""
+        """Close the run with `status`; later calls do nothing. A fold's run that ends
+        FAILED or KILLED ends its cross-validation's parent run so too: none stays RUNNING."""
         self._attempt(lambda: self._end(status), None)
         self._off = True
 
@@ -256,6 +360,13 @@ class Tracker:
     def _end(self, status: str) -> None:
         client, run_id = self._target()
         client.set_terminated(run_id, status)
+        if status != "FINISHED" and self._parent_id:
+            client.set_terminated(self._parent_id, status)
+
+    def _tag(self, tags: Mapping[str, str]) -> None:
+        client, run_id = self._target()
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
 
     def _target(self) -> tuple[MlflowClient, str]:
         if self._client is None or self.run_id is None:
@@ -272,9 +383,21 @@ class Tracker:
         experiment_id = self._experiment(params, root)
         name = _run_name(params)
         if fold is not None:
-            tags |= {PARENT_TAG: self._parent(params, experiment_id), FOLD_TAG: str(fold)}
+            self._parent_id = self._parent(params, experiment_id)
+            tags |= {PARENT_TAG: self._parent_id, FOLD_TAG: str(fold)}
             name = f"{name} fold {fold}"
         self._create(params, tags, experiment_id, name=name)
+        self._resume_parent()
+
+    def _resume_parent(self) -> None:
+        """Mark the parent run RUNNING again while one of its folds works (a fold that failed
+        before ended it FAILED or KILLED)."""
+        from mlflow.entities import RunStatus
+
+        client = self._client
+        assert client is not None
+        if self._parent_id and client.get_run(self._parent_id).info.status != "RUNNING":
+            client.update_run(self._parent_id, status=RunStatus.to_string(RunStatus.RUNNING))
 
     def _connect(self, root: Path) -> None:
         from mlflow import MlflowClient
@@ -383,6 +506,8 @@ class Tracker:
             return False
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         self.run_id = run_id
+        self._parent_id = run.data.tags.get(PARENT_TAG)
+        self._resume_parent()
         new = [Param(key, value) for key, value in flat.items() if key not in known]
         client.log_batch(run_id, params=new, tags=[RunTag(k, v) for k, v in tags.items()])
         return True
@@ -413,6 +538,24 @@ class Tracker:
         *,
         metadata: dict[str, Any] | None,
     ) -> str:
+        client, _ = self._target()
+        info = self._export(model, input_example, registered_name, metadata)
+        if registered_name is None:
+            uri: str = info.model_uri  # MLflow's `ModelInfo` is untyped
+            return uri
+        version = str(info.registered_model_version)
+        if alias is None:
+            return f"models:/{registered_name}/{version}"
+        client.set_registered_model_alias(registered_name, alias, version)
+        return f"models:/{registered_name}@{alias}"
+
+    def _export(
+        self,
+        model: torch.nn.Module,
+        input_example: np.ndarray,
+        registered_name: str | None,
+        metadata: dict[str, Any] | None,
+    ) -> Any:  # MLflow's `ModelInfo`
         import mlflow.pytorch
         from mlflow.models import infer_signature
 
@@ -423,7 +566,7 @@ class Tracker:
         cpu_model = copy.deepcopy(model).float().cpu().eval()
         with torch.no_grad():
             output = cpu_model(torch.from_numpy(example)).numpy()
-        info = mlflow.pytorch.log_model(
+        return mlflow.pytorch.log_model(
             cpu_model,
             name=MODEL_NAME,
             signature=infer_signature(example, output),
@@ -437,14 +580,43 @@ class Tracker:
             # ensemble) and only warns on failure; `load_predictor`'s tests check the reload
             validate_serving_input=False,
         )
-        if registered_name is None:
-            uri: str = info.model_uri  # MLflow's `ModelInfo` is untyped
-            return uri
+
+    def _register(
+        self,
+        model: torch.nn.Module,
+        input_example: np.ndarray,
+        *,
+        metadata: dict[str, Any],
+        evidence: Evidence,
+        tracking: TrackingParams,
+    ) -> str:
+        client, run_id = self._target()
+        name = tracking.registered_model
+        info = self._export(model, input_example, name, metadata)
         version = str(info.registered_model_version)
-        if alias is None:
-            return f"models:/{registered_name}/{version}"
-        client.set_registered_model_alias(registered_name, alias, version)
-        return f"models:/{registered_name}@{alias}"
+        for key, value in evidence.tags().items():
+            client.set_model_version_tag(name, version, key, value)
+        decision = judge(evidence, version, self._champion(name, tracking.alias), tracking)
+        client.set_model_version_tag(name, version, DECISION_TAG, decision.line)
+        client.set_tag(run_id, DECISION_TAG, decision.line)
+        alias = tracking.alias if decision.promote else CHALLENGER
+        client.set_registered_model_alias(name, alias, version)
+        log.info("%s", decision.line)
+        return f"models:/{name}@{alias}"
+
+    def _champion(self, name: str, alias: str) -> tuple[str, Evidence | None] | None:
+        """The version `alias` names and the evidence it was registered with, if any."""
+        from mlflow.exceptions import MlflowException
+
+        client = self._client
+        assert client is not None
+        try:
+            held = client.get_model_version_by_alias(name, alias)
+        except MlflowException as error:
+            if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
+        return str(held.version), Evidence.from_tags(held.tags)
 
 
 def load_model(uri: str, *, root: Path | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:

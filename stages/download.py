@@ -1,10 +1,12 @@
-"""DVC stage `download`: fetch the Zenodo archives (resumable, checksummed) and extract them."""
+"""DVC stage `download`: fetch the Zenodo archives (resumable, checksummed) and extract them, or
+check a folder dataset in nnU-Net's raw layout and link it in (`dataset.source: folder`)."""
 
 import argparse
 from pathlib import Path
 
 from covidseg.config import load_params
 from covidseg.data.download import fetch_archives
+from covidseg.data.folder import ingest_folder
 from covidseg.stage import run_stage
 
 
@@ -15,7 +17,10 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
     params = load_params(args.params)
-    fetch_archives(params.download, cache_dir=args.cache, raw_dir=args.out)
+    if params.dataset.source == "folder":
+        ingest_folder(params.dataset, args.out, workers=params.runtime.prepare_workers)
+    else:
+        fetch_archives(params.download, cache_dir=args.cache, raw_dir=args.out)
 
 
 if __name__ == "__main__":

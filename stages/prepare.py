@@ -17,7 +17,13 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     prepare_dataset(
-        params.prepare, params.split, raw_dir=args.raw, out_dir=args.out, splits_path=args.splits
+        params.prepare,
+        params.split,
+        raw_dir=args.raw,
+        out_dir=args.out,
+        splits_path=args.splits,
+        dataset=params.dataset,
+        workers=params.runtime.prepare_workers,
     )
 
 

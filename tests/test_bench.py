@@ -24,6 +24,10 @@ RUNS: dict[str, tuple[list[str], list[str]]] = {
         ["--quick", "--crop"],
         ["voxels equal", "case_0 ", "case_1 ", "Dice vs reference, fp32 / fast", END],
     ),
+    "dicom_read.py": (
+        ["--quick"],
+        ["ratio DICOM/NIfTI: read", "canonical volumes voxel for voxel equal: True", END],
+    ),
     "ensemble_log.py": (
         ["--quick"],
         ["reloaded output vs mean probability of the 2 folds: max |diff|", END],
@@ -47,6 +51,15 @@ RUNS: dict[str, tuple[list[str], list[str]]] = {
     "prepare_speed.py": (
         ["--quick"],
         ["ratio 512 gzip: wall", "ratio 256 gzip: wall", "costly steps vs equivalent calls", END],
+    ),
+    "prepare_workers.py": (
+        ["--quick"],
+        [
+            "speed-up 2 workers / 1 (2nd runs):",
+            "stores identical across worker counts: True",
+            "peak RSS per worker, one 24 x 512 x 512 case:",
+            END,
+        ],
     ),
     "read_speed.py": (
         ["--quick"],

@@ -46,6 +46,18 @@ def test_shipped_params_are_valid_and_match_the_study() -> None:
         ({"train": {"lr": float("inf")}}, "train.lr: Input should be a finite number"),
         ({"prepare": {"hu_window": [float("-inf"), 250]}}, "prepare.hu_window.0: Input should"),
         ({"train": {"loss": {"bce_weight": float("nan")}}}, "train.loss.bce_weight: Input should"),
+        ({"dataset": {"source": "nas"}}, "dataset.source: Input should be 'zenodo-3757476'"),
+        ({"dataset": {"encoding": "hounsfield"}}, "dataset.encoding: Input should be 'hu'"),
+        ({"dataset": {"folder": ""}}, "dataset.folder: String should have at least 1"),
+        ({"runtime": {"prepare_workers": 0}}, "runtime.prepare_workers: Input should be greater"),
+        (
+            {"dataset": {"source": "folder"}, "split": {"scheme": "kfold"}},
+            "dataset.folder: name your dataset's folder",
+        ),
+        (
+            {"dataset": {"source": "folder", "folder": "ct"}},
+            "split.scheme: benchmark is the Zenodo record's folds; a folder dataset needs split",
+        ),
     ],
 )
 def test_bad_values_are_one_line_errors(raw: dict, expected: str) -> None:
@@ -68,6 +80,20 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
     broken.write_text("train: [unclosed\n")
     with pytest.raises(CovidSegError, match="not valid YAML"):
         load_params(broken)
+
+
+def test_dataset_defaults_are_the_zenodo_record_and_a_folder_needs_kfold() -> None:
+    params = Params()
+    assert params.dataset.source == "zenodo-3757476" and params.runtime.prepare_workers is None
+    assert (ROOT / params.dataset.folder / "dataset.json").is_file()  # DVC needs the path
+    folder = parse_params(
+        {
+            "dataset": {"source": "folder", "folder": "ct", "encoding": "auto"},
+            "split": {"scheme": "kfold"},
+        }
+    )
+    assert (folder.dataset.folder, folder.dataset.encoding) == ("ct", "auto")
+    assert flatten(folder)["dataset.source"] == "folder"
 
 
 def test_flatten_gives_dotted_keys() -> None:

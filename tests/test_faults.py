@@ -7,9 +7,12 @@ lists these together with the older fault tests kept beside the code they cover.
 
 from __future__ import annotations
 
+import errno
+import gzip
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -29,7 +32,9 @@ from covidseg import CovidSegError, stage
 from covidseg.cli import main
 from covidseg.config import DownloadParams, PrepareParams, SplitParams, parse_params
 from covidseg.data.download import fetch_archives, sha256_of
+from covidseg.data.intensity import check_encoding
 from covidseg.data.prepare import prepare_dataset
+from covidseg.data.volumes import grid_spacing
 from covidseg.training.model import build_model
 from covidseg.training.modelio import ModelSpec, load_model, save_model
 from covidseg.training.train import TrainPaths, train
@@ -292,6 +297,349 @@ def test_predict_with_an_mlflow_uri_outside_a_repository_creates_no_store(
     line = only_line(done.stderr)
     assert "no MLflow store at" in line and "MLFLOW_TRACKING_URI" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii.gz"]
+
+
+# --- predict: outputs it does not own, geometry, metadata, headers ----------------------------
+
+
+def predict_args(model: Path, out: Path) -> list[str]:
+    return ["--model", str(model), "-o", str(out), "--device", "cpu"]
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The `error:` lines among the progress bars."""
+    return [part.strip() for part in re.split(r"[\r\n]", stderr) if part.startswith("error:")]
+
+
+def the_error(stderr: str) -> str:
+    """The one error line of a run (its progress bars aside); no traceback."""
+    lines = error_lines(stderr)
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def everything_in(folder: Path) -> dict[str, bytes]:
+    """Every file in `folder`, hidden temporaries included, with its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.exists() else {}
+
+
+@pytest.mark.parametrize("ending", ["_seg.nii.gz", "_report.png", "_report.json"])
+def test_predict_refuses_to_overwrite_an_output_it_did_not_write(
+    model_folder: Path, phantom_cases: list[PhantomCase], tmp_path: Path, capsys, ending: str
+) -> None:
+    """E.g. reference masks kept in the -o folder: refused before any work, file untouched."""
+    scan = write_scan(tmp_path / "scan.nii.gz", phantom_cases[0])
+    out = tmp_path / "out"
+    out.mkdir()
+    theirs = out / f"scan{ending}"
+    theirs.write_bytes(b'{"note": "a reference mask, not ours"}')
+    assert main(["predict", str(scan), *predict_args(model_folder, out)]) == 1
+    why = (
+        "is no predict report (it names no input)"
+        if ending == "_report.json"
+        else "no scan_report.json says predict wrote it"
+    )
+    assert the_error(capsys.readouterr().err) == (
+        f"error: {scan}: {theirs} exists and {why}; refusing to overwrite it, move it or "
+        "choose another -o folder"
+    )
+    assert everything_in(out) == {theirs.name: b'{"note": "a reference mask, not ours"}'}
+
+
+def test_predict_out_of_space_between_files_leaves_no_set_or_the_previous_one(
+    model_folder: Path,
+    phantom_cases: list[PhantomCase],
+    tmp_path: Path,
+    capsys,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import covidseg.inference.predict as predict_module
+
+    scan = write_scan(tmp_path / "scan.nii.gz", phantom_cases[0])
+    out = tmp_path / "out"
+    real_page = predict_module.report_page
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(predict_module, "report_page", disk_full)  # the 2nd of 3 files
+    assert main(["predict", str(scan), *predict_args(model_folder, out)]) == 1
+    line = the_error(capsys.readouterr().err)
+    assert line == f"error: {scan}: OSError: [Errno 28] No space left on device"
+    assert everything_in(out) == {}  # neither the labels nor the report, no temporaries
+    monkeypatch.setattr(predict_module, "report_page", real_page)
+    assert main(["predict", str(scan), *predict_args(model_folder, out)]) == 0
+    complete = everything_in(out)
+    assert sorted(complete) == ["scan_report.json", "scan_report.png", "scan_seg.nii.gz"]
+    monkeypatch.setattr(predict_module, "report_page", disk_full)
+    assert main(["predict", str(scan), *predict_args(model_folder, out)]) == 1
+    assert everything_in(out) == complete  # the earlier set, whole
+
+
+def test_predict_interrupted_while_renaming_its_outputs_keeps_the_previous_set(
+    model_folder: Path,
+    phantom_cases: list[PhantomCase],
+    tmp_path: Path,
+    capsys,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import covidseg.atomic as atomic_module
+
+    scan = write_scan(tmp_path / "scan.nii.gz", phantom_cases[0])
+    out = tmp_path / "out"
+    assert main(["predict", str(scan), *predict_args(model_folder, out)]) == 0
+    for name in ("scan_seg.nii.gz", "scan_report.png"):  # told apart from the rerun's
+        (out / name).write_bytes(b"the earlier run's " + name.encode())
+    complete = everything_in(out)
+    real_replace, calls = os.replace, []
+
+    def ctrl_c_before_the_report(src: str | Path, dst: str | Path) -> None:
+        calls.append(Path(dst).name)
+        if Path(dst).name == "scan_report.json" and calls.count("scan_report.json") == 1:
+            raise KeyboardInterrupt  # the labels and the page are in place already
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic_module.os, "replace", ctrl_c_before_the_report)
+    assert main(["predict", str(scan), *predict_args(model_folder, out)]) == 130
+    assert [the_error(capsys.readouterr().err)] == ["error: interrupted"]
+    renamed = [name for name in calls if not name.startswith(".")]  # not temporaries
+    assert renamed[:3] == ["scan_seg.nii.gz", "scan_report.png", "scan_report.json"]
+    assert everything_in(out) == complete  # the earlier set, whole, and nothing else
+
+
+def sheared(affine: np.ndarray, factor: float) -> np.ndarray:
+    """`affine` with its slice axis (the largest step) tilted along another axis by `factor`
+    of its length, keeping the voxel volume |det| (a tilted gantry)."""
+    out = np.array(affine, dtype=np.float64)
+    slice_axis = int(np.argmax(np.linalg.norm(out[:3, :3], axis=0)))
+    other = (slice_axis + 1) % 3
+    step = np.linalg.norm(out[:3, slice_axis])
+    out[:3, slice_axis] += factor * step * out[:3, other] / np.linalg.norm(out[:3, other])
+    return out
+
+
+def test_a_sheared_affine_gives_the_volume_of_the_orthogonal_grid(
+    model_folder: Path, phantom_cases: list[PhantomCase], tmp_path: Path
+) -> None:
+    """Voxel volume is |det| of the affine's 3x3, not the product of its column norms."""
+    case = phantom_cases[0]
+    tilted = sheared(case.affine, 0.7)
+    det = abs(np.linalg.det(case.affine[:3, :3]))
+    assert abs(np.linalg.det(tilted[:3, :3])) == pytest.approx(det)
+    norms = np.prod(np.linalg.norm(tilted[:3, :3], axis=0))
+    assert norms > 1.2 * det  # column norms would inflate every volume by over 20 %
+    reports = {}
+    for name, affine in (("straight", case.affine), ("tilted", tilted)):
+        scan = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(np.asarray(case.image), affine), scan)
+        assert main(["predict", str(scan), *predict_args(model_folder, tmp_path / name)]) == 0
+        reports[name] = json.loads((tmp_path / name / f"{name}_report.json").read_text())
+    assert reports["straight"]["lesion_volume_ml"] > 1  # something to compare
+    tilted_ml, straight_ml = (reports[k]["lesion_volume_ml"] for k in ("tilted", "straight"))
+    assert tilted_ml == pytest.approx(straight_ml, abs=1.5e-3)  # both rounded to 0.001 mL
+    assert np.prod(reports["tilted"]["voxel_spacing_mm"]) == pytest.approx(det, rel=1e-3)
+    spacing = grid_spacing(tilted[:, [2, 1, 0, 3]])  # the slice axis first, as after reorient
+    assert spacing[1:] == pytest.approx((0.8, 0.8)) and np.prod(spacing) == pytest.approx(det)
+
+
+def test_a_singular_affine_is_one_line(
+    model_folder: Path, phantom_cases: list[PhantomCase], tmp_path: Path, capsys
+) -> None:
+    case = phantom_cases[0]
+    affine = np.array(case.affine)
+    affine[:3, 2] = affine[:3, 0]  # two voxel axes along one line: no volume
+    scan = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(case.image), affine), scan)
+    assert main(["predict", str(scan), *predict_args(model_folder, tmp_path / "out")]) == 1
+    assert the_error(capsys.readouterr().err) == (
+        "error: flat: flat.nii.gz: the affine is singular (|det| of its 3x3 is 0 mm^3: its "
+        "voxel axes span no volume); the header's geometry is broken"
+    )
+    assert not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"hu_window": [250, -1250]}, "hu_window: needs low < high, got [250.0, -1250.0]"),
+        ({"image_dtype": "uint8"}, "image_dtype: Input should be 'float16' or 'float32'"),
+        (
+            {"hu_window": ["low", -1250]},
+            "hu_window.0: Input should be a valid number, unable to parse string as a number",
+        ),
+        (
+            {"hu_window": [-1e39, 1e39]},
+            "hu_window: needs both ends within [-100000, 100000] HU and at least 1 HU apart, "
+            "got [-1e+39, 1e+39]",
+        ),
+        ({"image_size": 50}, "image_size: must be a multiple of 32 (encoder strides), got 50"),
+    ],
+    ids=["inverted_window", "other_dtype", "non_numeric_window", "overflowing_window", "size"],
+)
+def test_model_json_with_a_recipe_params_would_refuse_is_one_line_naming_it(
+    model_folder: Path,
+    phantom_cases: list[PhantomCase],
+    tmp_path: Path,
+    capsys,
+    change: dict[str, object],
+    reason: str,
+) -> None:
+    """Checked by `prepare`'s own validation: no silent wrong volume, no traceback."""
+    path = model_folder / "model.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    scan = write_scan(tmp_path / "scan.nii.gz", phantom_cases[0])
+    out = tmp_path / "out"
+    assert main(["predict", str(scan), *predict_args(model_folder, out)]) == 1
+    assert the_error(capsys.readouterr().err) == f"error: {path}: {reason}"
+    assert not out.exists()
+
+
+def test_an_overflowing_hu_window_is_a_params_error() -> None:
+    with pytest.raises(CovidSegError) as caught:
+        parse_params({"prepare": {"hu_window": [-1e39, 1e39]}}, "params.yaml")
+    assert str(caught.value) == (
+        "params.yaml: prepare.hu_window: needs both ends within [-100000, 100000] HU and at "
+        "least 1 HU apart, got [-1e+39, 1e+39]"
+    )
+
+
+def test_the_datasets_naming_rule_never_applies_to_a_users_scan(
+    model_folder: Path, phantom_cases: list[PhantomCase], tmp_path: Path, capsys
+) -> None:
+    """A HU scan named `radiopaedia_*` is predicted (by its values); the dataset still holds
+    that name to its uint8 encoding; values that are neither encoding are one line."""
+    hu = np.asarray(phantom_cases[0].image)
+    low, high = int(hu.min()) + 2000, int(hu.max()) + 2000
+    with pytest.raises(CovidSegError, match="the dataset stores 'uint8' for this name"):
+        check_encoding(hu, "radiopaedia_mine")
+    mine = write_scan(tmp_path / "radiopaedia_mine.nii.gz", phantom_cases[0])
+    odd = tmp_path / "odd.nii.gz"
+    nib.save(nib.Nifti1Image((hu + 2000).astype(np.int16), phantom_cases[0].affine), odd)
+    out = tmp_path / "out"
+    assert main(["predict", str(mine), str(odd), *predict_args(model_folder, out)]) == 1
+    assert [the_error(capsys.readouterr().err)] == [
+        f"error: odd: cannot tell the intensity encoding (values {low}..{high} are neither "
+        "Hounsfield units, which reach below 0 in air, nor the 0-255 lung-window encoding)"
+    ]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "radiopaedia_mine_report.json",
+        "radiopaedia_mine_report.png",
+        "radiopaedia_mine_seg.nii.gz",
+    ]
+
+
+def header_only(path: Path, shape: tuple[int, ...], dtype: type = np.int16) -> Path:
+    """A NIfTI header claiming `shape` x `dtype`, followed by a few zero bytes."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_data_offset(352)
+    raw = header.binaryblock + b"\0" * 4 + b"\0" * 64
+    path.write_bytes(gzip.compress(raw, mtime=0) if path.name.endswith(".gz") else raw)
+    return path
+
+
+READ_AND_MEASURE = """
+import resource, sys
+from pathlib import Path
+from covidseg import CovidSegError
+from covidseg.data.volumes import read_nifti
+try:
+    read_nifti(Path(sys.argv[1]), "case")
+except CovidSegError as error:
+    print(error)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "claim"),
+    [
+        (
+            "bomb.nii.gz",
+            (1024, 1024, 2048),
+            "claims 1024x1024x2048 int16 voxels (4.29 GB) but holds {size} bytes, more than "
+            "gzip can compress into that (1100:1); damaged or not a scan",
+        ),
+        (
+            "huge.nii.gz",
+            (30000, 30000, 1000),
+            "claims 30000x30000x1000 int16 voxels (1.8 TB), over the limit of 2147483648 voxels",
+        ),
+        (
+            "short.nii",
+            (512, 512, 300),
+            "claims 512x512x300 int16 voxels (157 MB) but the file has {size} bytes; truncated?",
+        ),
+    ],
+    ids=["gz_claiming_4GB", "30000x30000x1000", "short_nii"],
+)
+def test_a_header_claiming_more_than_the_file_holds_is_refused_before_allocating(
+    model_folder: Path, tmp_path: Path, capsys, name: str, shape: tuple[int, ...], claim: str
+) -> None:
+    path = header_only(tmp_path / name, shape)
+    size = path.stat().st_size
+    assert size < 500
+    expected = f"{path.name.split('.')[0]}: {name} " + claim.format(size=size)
+    assert main(["predict", str(path), *predict_args(model_folder, tmp_path / "out")]) == 1
+    assert the_error(capsys.readouterr().err) == f"error: {expected}"
+    done = subprocess.run(
+        [sys.executable, "-c", READ_AND_MEASURE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    message, peak = done.stdout.splitlines()
+    assert message == expected.replace(path.name.split(".")[0], "case", 1)
+    assert int(peak) < 2**30  # the header's claim was never allocated
+
+
+@pytest.mark.parametrize("kind", ["rgb24", "three_channels"])
+def test_a_colour_nifti_is_one_line_and_the_other_scans_go_on(
+    model_folder: Path, phantom_cases: list[PhantomCase], tmp_path: Path, capsys, kind: str
+) -> None:
+    case = phantom_cases[0]
+    if kind == "rgb24":
+        colour = np.zeros(case.image.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+        reason = "photo.nii.gz holds RGB voxels, not CT intensities"
+    else:
+        colour = np.stack([np.asarray(case.image)] * 3, axis=-1)
+        reason = "photo.nii.gz is not a 3D volume (shape (64, 64, 12, 3): colour channels?)"
+    nib.save(nib.Nifti1Image(colour, case.affine), tmp_path / "photo.nii.gz")
+    scan = write_scan(tmp_path / "scan.nii.gz", case)
+    out = tmp_path / "out"
+    photo = tmp_path / "photo.nii.gz"
+    assert main(["predict", str(photo), str(scan), *predict_args(model_folder, out)]) == 1
+    assert [the_error(capsys.readouterr().err)] == [f"error: photo: {reason}"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "scan_report.json",
+        "scan_report.png",
+        "scan_seg.nii.gz",
+    ]
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "unwritable"])
+def test_an_output_folder_that_cannot_be_made_or_written_is_one_line(
+    model_folder: Path,
+    phantom_cases: list[PhantomCase],
+    tmp_path: Path,
+    capsys,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    import covidseg.inference.predict as predict_module
+
+    scan = write_scan(tmp_path / "scan.nii.gz", phantom_cases[0])
+    (tmp_path / "taken").write_text("x")
+    if where == "under_a_file":
+        out = tmp_path / "taken" / "out"
+        expected = f"error: -o {out}: cannot create the folder ({tmp_path / 'taken'} is a file)"
+    else:  # root may write anywhere: the permission check is what is simulated
+        out = tmp_path / "out"
+        monkeypatch.setattr(predict_module.os, "access", lambda path, mode: Path(path) != out)
+        expected = f"error: -o {out}: the folder is not writable"
+    assert main(["predict", str(scan), *predict_args(model_folder, out)]) == 1
+    assert the_error(capsys.readouterr().err) == expected
 
 
 # --- prepare ------------------------------------------------------------------------------------

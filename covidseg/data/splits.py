@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -26,11 +27,15 @@ def patient_of(case: str) -> str:
     return match.group(1) if match else case
 
 
-def group_by_patient(cases: list[str]) -> dict[str, list[str]]:
-    """Patient id -> its cases, both sorted."""
+Patients = Mapping[str, str]  # case -> patient (a folder dataset's patients.csv)
+
+
+def group_by_patient(cases: list[str], patients: Patients | None = None) -> dict[str, list[str]]:
+    """Patient id -> its cases, both sorted; `patients` where given, else `patient_of`."""
     groups: dict[str, list[str]] = {}
     for case in sorted(cases):
-        groups.setdefault(patient_of(case), []).append(case)
+        patient = patients[case] if patients is not None else patient_of(case)
+        groups.setdefault(patient, []).append(case)
     return groups
 
 
@@ -41,9 +46,11 @@ def benchmark_fold(protocol: str, fold: int) -> dict[str, list[str]]:
     return {"train": sorted(folds[fold]["train"]), "test": sorted(folds[fold]["test"])}
 
 
-def kfold_test_cases(cases: list[str], n_folds: int, fold: int, seed: int) -> list[str]:
+def kfold_test_cases(
+    cases: list[str], n_folds: int, fold: int, seed: int, *, patients: Patients | None = None
+) -> list[str]:
     """Seeded patient-grouped k-fold: the test cases of `fold`."""
-    groups = group_by_patient(cases)
+    groups = group_by_patient(cases, patients)
     if n_folds > len(groups):
         raise CovidSegError(
             f"split.n_folds={n_folds} but only {len(groups)} patients are present "
@@ -55,10 +62,10 @@ def kfold_test_cases(cases: list[str], n_folds: int, fold: int, seed: int) -> li
 
 
 def hold_out_validation(
-    train: list[str], fraction: float, seed: int
+    train: list[str], fraction: float, seed: int, *, patients: Patients | None = None
 ) -> tuple[list[str], list[str]]:
     """Split training cases into (train, val) by patient; at least one patient keeps training."""
-    groups = group_by_patient(train)
+    groups = group_by_patient(train, patients)
     n_val = round(fraction * len(groups)) if fraction > 0 else 0
     n_val = min(max(n_val, 1 if fraction > 0 else 0), len(groups) - 1)
     order = list(np.random.default_rng(seed + 1).permutation(sorted(groups)))
@@ -67,8 +74,11 @@ def hold_out_validation(
     return sorted(c for c in train if c not in val), val
 
 
-def make_split(params: SplitParams, cases: list[str], fold: int) -> dict[str, list[str]]:
-    """`{"train", "val", "test"}` case lists of one fold of the selected scheme."""
+def make_split(
+    params: SplitParams, cases: list[str], fold: int, *, patients: Patients | None = None
+) -> dict[str, list[str]]:
+    """`{"train", "val", "test"}` case lists of one fold of the selected scheme; `patients`
+    groups the cases (default: `patient_of`)."""
     present = set(cases)
     if params.scheme == "benchmark":
         chosen = benchmark_fold(params.protocol, fold)
@@ -81,21 +91,27 @@ def make_split(params: SplitParams, cases: list[str], fold: int) -> dict[str, li
             )
         test, train = chosen["test"], chosen["train"]
     else:
-        test = kfold_test_cases(sorted(present), params.n_folds, fold, params.seed)
+        test = kfold_test_cases(
+            sorted(present), params.n_folds, fold, params.seed, patients=patients
+        )
         train = sorted(present - set(test))
     if not train:
         raise CovidSegError("the split leaves no training case")
-    train, val = hold_out_validation(train, params.val_fraction, params.seed)
+    train, val = hold_out_validation(train, params.val_fraction, params.seed, patients=patients)
     return {"train": train, "val": val, "test": sorted(test)}
 
 
-def make_splits(params: SplitParams, cases: list[str]) -> dict[str, dict[str, list[str]]]:
+def make_splits(
+    params: SplitParams, cases: list[str], *, patients: Patients | None = None
+) -> dict[str, dict[str, list[str]]]:
     """Every fold of the scheme, `{"0": {"train", "val", "test"}, ...}`: what `prepare` writes.
 
     All folds, not only `split.folds`, so that choosing other folds changes no file that a
     finished fold depends on.
     """
-    return {str(k): make_split(params, cases, k) for k in range(params.fold_count)}
+    return {
+        str(k): make_split(params, cases, k, patients=patients) for k in range(params.fold_count)
+    }
 
 
 def load_splits(path: Path, fold: int) -> dict[str, list[str]]:

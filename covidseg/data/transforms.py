@@ -49,10 +49,11 @@ class ModelInput:
     grid: Grid
 
 
-def model_input(volume: Volume, case: str, recipe: Recipe) -> ModelInput:
-    """Check the encoding, map to HU and window to [0, 1], pad to square and resize."""
+def model_input(volume: Volume, case: str, recipe: Recipe, *, dataset: bool = True) -> ModelInput:
+    """Check the encoding, map to HU and window to [0, 1], pad to square and resize. The
+    dataset's naming rule holds for a dataset case only (`check_encoding`)."""
     check_finite(volume.data, case, "image")
-    encoding = check_encoding(volume.data, case)
+    encoding = check_encoding(volume.data, case, dataset=dataset)
     window = normalise(volume.data, encoding, recipe.hu_window)
     image = to_square(window, recipe.image_size, labels=False).astype(recipe.image_dtype)
     rows, cols = volume.data.shape[1:]
@@ -62,10 +63,11 @@ def model_input(volume: Volume, case: str, recipe: Recipe) -> ModelInput:
 def scan_input(
     data: np.ndarray, affine: np.ndarray, case: str, recipe: Recipe
 ) -> tuple[ModelInput, Volume]:
-    """A scan as read from disk -> (its model input, its canonical volume)."""
+    """A user's scan as read from disk -> (its model input, its canonical volume); its
+    encoding is told by its values alone, never by its name."""
     check_finite(data, case, "image")
     volume = reorient(data, affine)
-    return model_input(volume, case, recipe), volume
+    return model_input(volume, case, recipe, dataset=False), volume
 
 
 def to_labels(prob: np.ndarray, threshold: float) -> np.ndarray:

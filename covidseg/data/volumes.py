@@ -9,6 +9,7 @@ right on the viewer's left.
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,14 @@ LABEL_SETS = {
 }
 MASK_ARCHIVES = tuple(LABEL_SETS)
 AFFINE_TOLERANCE_MM = 1e-3
+# The most voxels a header may claim (a constant; `read_nifti(max_voxels=...)` for a caller):
+# 2**31 is 14x a 512 x 512 x 1000 scan, and 8 GiB once the scan is float32.
+MAX_VOXELS = 2**31
+# Deflate cannot compress more than about 1032:1 (an all-zero volume reaches 1028:1; real CT
+# 1.7-2.4:1, infection masks 110-350:1): a .gz file claiming more holds no such volume.
+GZIP_MAX_RATIO = 1100
+ORTHOGONAL_COSINE = 1e-6  # axes closer than this to perpendicular count as perpendicular
+SINGULAR_RATIO = 1e-3  # |det| under this share of the column norms' product: no volume
 
 
 @dataclass(frozen=True)
@@ -58,9 +67,28 @@ class Volume:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        """Voxel size in mm along (slice, row, col)."""
-        s, r, c = (float(v) for v in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
-        return s, r, c
+        """Voxel size in mm along (slice, row, col); their product is the voxel volume."""
+        return grid_spacing(self.affine)
+
+
+def grid_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """(slice, row, col) voxel size in mm of a canonical affine: the row and column steps and
+    the distance between slice planes. With perpendicular axes these are the column norms; with
+    a sheared grid (a tilted gantry) the slice distance is shorter than the slice step, so that
+    the product is always |det| of the affine's 3x3, the true voxel volume."""
+    m = np.asarray(affine, dtype=np.float64)[:3, :3]
+    norms = np.sqrt((m**2).sum(axis=0))
+    cosines = np.abs(m.T @ m) / np.outer(norms, norms)
+    if (cosines - np.eye(3)).max() <= ORTHOGONAL_COSINE:
+        return float(norms[0]), float(norms[1]), float(norms[2])
+    area = float(np.linalg.norm(np.cross(m[:, 1], m[:, 2])))  # one slice's pixel
+    row = float(norms[1])
+    return abs(float(np.linalg.det(m))) / area, row, area / row
+
+
+def voxel_volume_ml(spacing: tuple[float, float, float]) -> float:
+    """One voxel's volume in mL from `grid_spacing` (mm): every mL the project reports."""
+    return math.prod(spacing) / 1000.0
 
 
 def case_name(path: Path) -> str:
@@ -95,22 +123,82 @@ def find_cases(raw_dir: Path) -> list[CaseFiles]:
     return cases
 
 
-def read_nifti(path: Path, case: str) -> tuple[np.ndarray, np.ndarray]:
-    """Decode a NIfTI file to (array as on disk, affine); any corruption names the case."""
+def read_nifti(
+    path: Path, case: str, *, max_voxels: int = MAX_VOXELS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a NIfTI file to (array as on disk, affine); any corruption names the case. The
+    header is checked first (voxel type, 3D, claimed size, geometry): nothing is allocated for
+    a volume the file cannot hold."""
     try:
         image = nib.load(path)
         if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
             raise CovidSegError(f"{case}: {path.name} is not a NIfTI image")
+        check_header(image, path, case, max_voxels=max_voxels)
         data = np.asanyarray(image.dataobj)
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as error:
         raise CovidSegError(f"{case}: cannot read {path.name} ({error})") from None
     except nib.filebasedimages.ImageFileError as error:
         raise CovidSegError(f"{case}: {path.name} is not a NIfTI image ({error})") from None
-    if data.ndim == 4 and data.shape[3] == 1:  # a 3D scan saved with one time point
+    if data.ndim == 4:  # a 3D scan saved with one time point
         data = data[..., 0]
-    if data.ndim != 3:
-        raise CovidSegError(f"{case}: {path.name} is not a 3D volume (shape {data.shape})")
     return data, image.affine
+
+
+def check_header(
+    image: nib.Nifti1Image | nib.Nifti2Image, path: Path, case: str, *, max_voxels: int
+) -> None:
+    """Refuse, from the header alone, what is no 3D greyscale volume this file can hold."""
+    dtype, shape = image.header.get_data_dtype(), tuple(int(n) for n in image.shape)
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        kind = image.header.get_value_label("datatype")
+        raise CovidSegError(f"{case}: {path.name} holds {kind} voxels, not CT intensities")
+    if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):
+        hint = ": colour channels?" if len(shape) == 4 and shape[3] in (3, 4) else ""
+        raise CovidSegError(f"{case}: {path.name} is not a 3D volume (shape {shape}{hint})")
+    check_claimed_size(image, path, case, max_voxels=max_voxels)
+    check_affine(image.affine, case, path.name)
+
+
+def _bytes(count: float) -> str:
+    """`4.29 GB`: a byte count for a message."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB"):
+        if count < 1000 or unit == "PB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.3g} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+def check_claimed_size(
+    image: nib.Nifti1Image | nib.Nifti2Image, path: Path, case: str, *, max_voxels: int
+) -> None:
+    """The header's shape x dtype against the ceiling and against what the file can hold."""
+    dtype, shape = image.header.get_data_dtype(), tuple(int(n) for n in image.shape)
+    voxels = math.prod(shape)
+    claimed = voxels * dtype.itemsize
+    what = f"{path.name} claims {'x'.join(map(str, shape))} {dtype.name} voxels ({_bytes(claimed)})"
+    if voxels > max_voxels:
+        raise CovidSegError(f"{case}: {what}, over the limit of {max_voxels} voxels")
+    size = path.stat().st_size
+    if path.name.endswith(".gz") and claimed > size * GZIP_MAX_RATIO:
+        raise CovidSegError(
+            f"{case}: {what} but holds {_bytes(size)}, more than gzip can compress into that "
+            f"({GZIP_MAX_RATIO}:1); damaged or not a scan"
+        )
+    if path.name.endswith(".nii") and int(image.header.get_data_offset()) + claimed > size:
+        raise CovidSegError(f"{case}: {what} but the file has {_bytes(size)}; truncated?")
+
+
+def check_affine(affine: np.ndarray, case: str, name: str) -> None:
+    """Refuse geometry that gives no voxel volume: non-finite or singular (axes in a plane)."""
+    m = np.asarray(affine, dtype=np.float64)[:3, :3]
+    if not np.isfinite(affine).all():
+        raise CovidSegError(f"{case}: {name}: the affine holds NaN or Inf; no voxel geometry")
+    det = abs(float(np.linalg.det(m)))
+    if not det > SINGULAR_RATIO * float(np.prod(np.sqrt((m**2).sum(axis=0)))):
+        raise CovidSegError(
+            f"{case}: {name}: the affine is singular (|det| of its 3x3 is {det:.3g} mm^3: its "
+            "voxel axes span no volume); the header's geometry is broken"
+        )
 
 
 def reorient(data: np.ndarray, affine: np.ndarray) -> Volume:

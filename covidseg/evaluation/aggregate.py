@@ -6,30 +6,37 @@ out-of-fold results (`metrics/evaluate.json`, which `dvc metrics diff` and `dvc 
 compare), one row per (fold, case) (`metrics/per_case.csv`), per-fold means
 (`metrics/per_fold.csv`, drawn by `dvc plots`), and the Task-1 style table beside the published
 numbers (`reports/benchmark.md` and `.png`). The ensemble of the fold models is logged to the
-cross-validation's MLflow parent run and registered under `tracking.alias`.
+cross-validation's MLflow parent run and registered, with its headline and test cases as
+evidence; it becomes `tracking.alias` only as `tracking.promote` says (by default: when it beats
+the current one on the same test cases). A cross-validation with a fold whose validation
+diverged is never registered.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TypedDict
+from typing import TypedDict, get_args
 
 import numpy as np
 
 from covidseg.atomic import atomic_dir, write_json_atomic, write_text_atomic
-from covidseg.config import Params
+from covidseg.config import Params, PromoteMetric
 from covidseg.errors import CovidSegError
 from covidseg.evaluation.metrics import METRIC_KEYS, Summary, summarise
 from covidseg.inference.ensemble import load_ensemble
 from covidseg.reporting.figures import benchmark_figure
-from covidseg.tracking import Tracker
+from covidseg.tracking import Evidence, Tracker
+
+log = logging.getLogger(__name__)
 
 HEADLINE = ("dice", "nsd", "hd95")
 COLUMN_NAMES = {
@@ -235,37 +242,104 @@ def aggregate(params: Params, paths: AggregatePaths) -> CrossValidation:
     fold_columns = ["fold", "n_cases", *(k for key in HEADLINE for k in (key, f"{key}_std"))]
     write_text_atomic(paths.per_fold, csv_text(per_fold, fold_columns))
     write_json_atomic(paths.metrics, metrics_file(summary))
-    track(params, paths, summary)
+    track(params, paths, summary, rows)
     return summary
 
 
-def track(params: Params, paths: AggregatePaths, summary: CrossValidation) -> None:
-    """The parent run: headline metrics, the report, and the fold ensemble, registered."""
+def evidence_of(params: Params, rows: Sequence[ScoredCase], summary: CrossValidation) -> Evidence:
+    """What the registered ensemble is judged by: its means, the split and the cases scored."""
+    sp = params.split
+    split = f"benchmark {sp.protocol}"
+    if sp.scheme == "kfold":
+        split = f"kfold, {sp.n_folds} folds, seed {sp.seed}"
+    pairs = sorted([row.fold, row.case] for row in rows)
+    digest = hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]
+    scores = {}
+    for key in get_args(PromoteMetric):
+        value = summary.overall.get(key)
+        if isinstance(value, int | float) and math.isfinite(value):
+            scores[key] = float(value)
+    return Evidence(scores=scores, split=split, cases=digest, n_cases=len(rows))
+
+
+def read_epoch_log(path: Path) -> list[dict[str, float]]:
+    """A fold's per-epoch training log (`metrics/folds/logs/fold-<k>.csv`), numbers parsed;
+    empty cells are left out."""
+    with path.open() as f:
+        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
+
+
+def divergence(rows: list[dict[str, float]], factor: float | None) -> str | None:
+    """How a fold's validation shows divergence, or None: a non-finite loss or Dice, a loss
+    over `train.max_loss_factor` times the lowest before it, or Dice 0 on every validation case
+    at every epoch (no epoch found any lesion)."""
+    lowest = math.inf
+    for row in rows:
+        epoch = int(row.get("epoch", 0))
+        for key in ("val_loss", "val_dice"):
+            if key in row and not math.isfinite(row[key]):
+                return f"{key} is {row[key]} at epoch {epoch}"
+        loss = row.get("val_loss")
+        if loss is not None and factor is not None and loss > factor * lowest:
+            return (
+                f"val_loss {loss:.4g} at epoch {epoch} is over train.max_loss_factor={factor:g} "
+                f"times the lowest before it ({lowest:.4g})"
+            )
+        lowest = min(lowest, loss if loss is not None else math.inf)
+    dices = [row["val_dice"] for row in rows if "val_dice" in row]
+    if dices and max(dices) == 0:
+        return "validation Dice 0 on every validation case at every epoch"
+    return None
+
+
+def diverged_fold(params: Params, folds_dir: Path) -> str | None:
+    """The first fold whose training log shows divergence, and how; None when none does."""
+    for fold in params.split.folds:
+        path = folds_dir / "logs" / f"fold-{fold}.csv"
+        if not path.is_file():
+            return f"fold {fold} has no training log ({path}) to show that it did not diverge"
+        if reason := divergence(read_epoch_log(path), params.train.max_loss_factor):
+            return f"fold {fold} diverged ({reason})"
+    return None
+
+
+def track(
+    params: Params, paths: AggregatePaths, summary: CrossValidation, rows: Sequence[ScoredCase]
+) -> None:
+    """The parent run: headline metrics, the report, and the fold ensemble, registered unless
+    a fold diverged (see `Tracker.register` for when it becomes `tracking.alias`)."""
     import torch
 
-    tracker = Tracker.start_parent(params)
-    headline = summary.to_json().items()
-    flat: dict[str, float | None] = {k: v for k, v in headline if isinstance(v, int | float)}
-    flat |= {f"fold{k}.{m}": v[m] for k, v in summary.folds.items() for m in HEADLINE if m in v}
-    tracker.log_metrics(flat)
-    for path, folder in (
-        (paths.metrics, "evaluation"),
-        (paths.per_case, "evaluation"),
-        (paths.report_dir, "evaluation"),
-        (Path("params.yaml"), None),
-    ):
-        if path.exists():
-            tracker.log_artifact(path, folder)
-    if tracker.active:
-        ensemble, spec = load_ensemble(
-            paths.models_dir, torch.device("cpu"), list(params.split.folds)
-        )
-        example = np.zeros((1, 1, spec.image_size, spec.image_size), dtype=np.float32)
-        tracker.log_model(
-            ensemble,
-            example,
-            registered_name=params.tracking.registered_model,
-            alias=params.tracking.alias,
-            metadata=spec.to_json(),
-        )
-    tracker.end()
+    with Tracker.start_parent(params) as tracker:  # FAILED or KILLED if this stage stops
+        headline = summary.to_json().items()
+        flat: dict[str, float | None] = {k: v for k, v in headline if isinstance(v, int | float)}
+        flat |= {f"fold{k}.{m}": v[m] for k, v in summary.folds.items() for m in HEADLINE if m in v}
+        tracker.log_metrics(flat)
+        for path, folder in (
+            (paths.metrics, "evaluation"),
+            (paths.per_case, "evaluation"),
+            (paths.report_dir, "evaluation"),
+            (Path("params.yaml"), None),
+        ):
+            if path.exists():
+                tracker.log_artifact(path, folder)
+        if reason := diverged_fold(params, paths.folds_dir):
+            log.warning(
+                "the ensemble is not registered: %s; %s stays where it was",
+                reason,
+                params.tracking.alias,
+            )
+            tracker.tag({"covidseg.diverged": reason})
+            return
+        if tracker.active:
+            ensemble, spec = load_ensemble(
+                paths.models_dir, torch.device("cpu"), list(params.split.folds)
+            )
+            example = np.zeros((1, 1, spec.image_size, spec.image_size), dtype=np.float32)
+            tracker.register(
+                ensemble,
+                example,
+                metadata=spec.to_json(),
+                evidence=evidence_of(params, rows, summary),
+                tracking=params.tracking,
+            )

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from monai.metrics.utils import get_edge_surface_distance
 
+from covidseg.data.volumes import voxel_volume_ml
+
 METRIC_KEYS = (
     "dice",
     "nsd",
@@ -127,7 +129,7 @@ def case_metrics(
         raise ValueError(f"need two 3D masks of one shape, got {pred.shape} and {ref.shape}")
     pred, ref = pred.astype(bool, copy=False), ref.astype(bool, copy=False)
     n_pred, n_ref = int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
-    voxel_ml = math.prod(spacing) / 1000.0
+    voxel_ml = voxel_volume_ml(spacing)
     volumes = {"ref_volume_ml": n_ref * voxel_ml, "pred_volume_ml": n_pred * voxel_ml}
     if n_pred == 0 or n_ref == 0:
         out = {**_empty_case_metrics(n_pred, n_ref), **volumes}

@@ -326,6 +326,10 @@ def training_curves(log: Sequence[Mapping[str, object]], path: Path) -> Path:
 
 
 REPORT_INCHES = (8.27, 8.5)  # A4 width
+SERIES_UIDS = (
+    ("study_instance_uid", "Study Instance UID "),
+    ("series_instance_uid", "Series Instance UID"),
+)
 REPORT_ROWS = (
     ("lesion_volume_ml", "Lesion volume", "{:.1f} mL"),
     ("slices_involved", "Slices with infection", "{:d}"),
@@ -370,7 +374,11 @@ def report_page(
     """One page: title, severity table, model identity and prediction overlays."""
     fig = Figure(figsize=REPORT_INCHES, dpi=DPI, layout="constrained")
     top, bottom = cast(np.ndarray, fig.subfigures(2, 1, height_ratios=(0.75, 1.0)))
-    top.suptitle(f"Infection report: {report.get('case', '')}", fontsize=15, fontweight="bold")
+    uids = [f"{label} {report[key]}" for key, label in SERIES_UIDS if report.get(key)]
+    title = "Infection report" + ("" if uids else f": {report.get('case', '')}")
+    top.suptitle(title, fontsize=15, fontweight="bold")
+    if uids:  # a DICOM input: its series named at the foot, nothing else of its header
+        fig.supxlabel("\n".join(uids), fontsize=8, family="monospace")
     ax = top.subplots()
     ax.set_axis_off()
     model = report.get("model")

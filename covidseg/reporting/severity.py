@@ -12,6 +12,7 @@ from typing import NotRequired, TypedDict
 import numpy as np
 
 from covidseg.data.labels import LEFT_LUNG, RIGHT_LUNG, LabelScheme, whole_lungs
+from covidseg.data.volumes import voxel_volume_ml
 
 GRADE_BOUNDS = (25.0, 50.0, 75.0)  # % of a lung: 1 under 25, 2 25-50, 3 50-75, 4 over 75
 
@@ -49,7 +50,7 @@ def severity(
     labels: np.ndarray, spacing: tuple[float, float, float], scheme: LabelScheme
 ) -> Severity:
     """Lesion volume and involved slices; with lung labels, per-lung volumes, % and grades."""
-    voxel_ml = math.prod(spacing) / 1000.0
+    voxel_ml = voxel_volume_ml(spacing)
     infected = labels == scheme.infection
     out: Severity = {
         "lesion_volume_ml": round(float(infected.sum()) * voxel_ml, 3),

@@ -3,7 +3,7 @@
 It holds only tensors and plain data (numbers, strings, lists, dicts), so it loads with
 `torch.load(..., weights_only=True)`: a planted or damaged file can never run code. A file that
 cannot be read is moved aside (`last.pt.corrupt-<time>`, kept for inspection) and training
-starts afresh.
+starts afresh; so does a run whose best weights (`best.pt`) are damaged or missing.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ import torch
 from covidseg.atomic import atomic_file
 
 log = logging.getLogger(__name__)
+
+LAST = "last.pt"  # the resumable checkpoint, rewritten every epoch
+BEST = "best.pt"  # the best epoch's weights, exported as the model when training ends
 
 
 class EpochRow(TypedDict):
@@ -89,15 +92,41 @@ def save_checkpoint(path: Path, state: State, parts: Parts, fp: str) -> None:
         "optimizer": parts["optimizer"].state_dict(),
         "scheduler": parts["scheduler"].state_dict(),
     }
-    with atomic_file(path) as tmp:
-        torch.save(payload, tmp)
+    save_tensors(path, payload)
+
+
+def save_tensors(path: Path, payload: object) -> None:
+    """`torch.save` atomically, through a file object: a full disk is then Python's own
+    OSError (one line naming the file), not torch's message about zip positions."""
+    with atomic_file(path) as tmp, tmp.open("wb") as f:
+        torch.save(payload, f)
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a file that cannot be used to `<name>.corrupt-<time>`, kept for inspection."""
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.replace(aside)
+    return aside
 
 
 def _set_aside(path: Path, reason: str) -> None:
     """Keep a checkpoint that cannot be used beside it, and say so in one line."""
-    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-    path.replace(aside)
+    aside = _move_aside(path)
     log.warning("%s cannot be resumed (%s); kept as %s, starting afresh", path, reason, aside.name)
+
+
+def drop_run(checkpoint_dir: Path) -> str:
+    """Set aside the best weights and the checkpoint that relies on them, so that the fold is
+    trained from the start; which files were kept, as words."""
+    kept = [_move_aside(p) for p in (checkpoint_dir / BEST, checkpoint_dir / LAST) if p.exists()]
+    return " and ".join(p.name for p in kept) or "nothing"
+
+
+def _load_error(error: Exception) -> str:
+    """`Type: first sentence of the message` in one short line (`EOFError` for an empty file)."""
+    text = " ".join(str(error).split()).split(". ")[0]
+    text = text if len(text) <= 150 else text[:147] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -105,12 +134,31 @@ def _read(path: Path) -> dict[str, Any] | None:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, empty, or a pickle that asks to run code
-        _set_aside(path, " ".join(f"{type(error).__name__}: {error}".split())[:160])
+        _set_aside(path, _load_error(error))
         return None
     if not isinstance(payload, dict) or not isinstance(payload.get("state"), dict):
         _set_aside(path, "not a covidseg checkpoint")
         return None
     return payload
+
+
+def best_weights_error(path: Path, model: torch.nn.Module) -> str | None:
+    """Why the best weights at `path` cannot be `model`'s (missing, damaged, or another
+    network's); None when they load."""
+    if not path.is_file():
+        return "missing"
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, empty, or a pickle that asks to run code
+        return _load_error(error)
+    expected = model.state_dict()
+    if not isinstance(weights, dict) or weights.keys() != expected.keys():
+        return "not this model's weights"
+    if any(
+        not isinstance(v, torch.Tensor) or v.shape != expected[k].shape for k, v in weights.items()
+    ):
+        return "not this model's weights"
+    return None
 
 
 def load_checkpoint(path: Path, parts: Parts, fp: str) -> State | None:
@@ -126,6 +174,13 @@ def load_checkpoint(path: Path, parts: Parts, fp: str) -> State | None:
     if payload["state"].get("complete"):
         # DVC reran a finished stage, so something it depends on changed: train again
         log.info("%s holds a finished run; starting afresh", path)
+        return None
+    best = path.with_name(BEST)
+    if payload["state"].get("best_epoch") and (reason := best_weights_error(best, parts["model"])):
+        # resuming would fail the fold at its very end, on every run: train it again
+        log.warning(
+            "%s: %s; kept %s, training the fold from the start", best, reason, drop_run(path.parent)
+        )
         return None
     try:
         parts["model"].load_state_dict(payload["model"])

@@ -7,13 +7,14 @@ everything downstream (evaluate, predict, MLflow) reads them from the model itse
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from covidseg.atomic import atomic_dir
+from covidseg.config import PrepareParams, parse_section
 from covidseg.data.labels import LabelScheme, scheme_for
 from covidseg.data.transforms import Recipe
 from covidseg.errors import CovidSegError
@@ -63,16 +64,37 @@ class ModelSpec:
         if unknown:
             raise CovidSegError(f"{source}: unknown model metadata keys {unknown}")
         try:
-            spec = cls(**{**raw, "hu_window": tuple(raw["hu_window"])})
+            spec = cls(**raw)
             scheme = spec.scheme
         except (TypeError, KeyError, ValueError, CovidSegError) as error:
             raise CovidSegError(f"{source}: bad model metadata ({error})") from None
+        spec = _checked_recipe(spec, source)
         if spec.classes != scheme.classes or spec.target != scheme.target:
             raise CovidSegError(
                 f"{source}: classes {spec.classes} and target {spec.target!r} do not match the "
                 f"label scheme {scheme.target!r} ({scheme.classes} output maps)"
             )
         return spec
+
+
+def _checked_recipe(spec: ModelSpec, source: str) -> ModelSpec:
+    """The recipe fields validated as `prepare`'s params are (an inverted or non-numeric
+    window, an unsupported dtype or size would give wrong volumes); one line naming `source`."""
+    recipe = parse_section(
+        PrepareParams,
+        {
+            "hu_window": spec.hu_window,
+            "image_size": spec.image_size,
+            "image_dtype": spec.image_dtype,
+        },
+        source,
+    )
+    return replace(
+        spec,
+        hu_window=recipe.hu_window,
+        image_size=recipe.image_size,
+        image_dtype=recipe.image_dtype,
+    )
 
 
 def non_finite_count(weights: dict[str, torch.Tensor]) -> int:
@@ -87,7 +109,8 @@ def save_model(folder: Path, weights: dict[str, torch.Tensor], spec: ModelSpec) 
     if bad := non_finite_count(weights):
         raise CovidSegError(f"{folder}: refusing to save a model with {bad} non-finite weights")
     with atomic_dir(folder) as tmp:
-        torch.save(weights, tmp / "model.pt")
+        with (tmp / "model.pt").open("wb") as f:  # a full disk: an OSError naming no zip offset
+            torch.save(weights, f)
         (tmp / "model.json").write_text(json.dumps(spec.to_json(), indent=2) + "\n")
 
 

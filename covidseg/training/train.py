@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from covidseg.atomic import atomic_file, write_json_atomic, write_text_atomic
+from covidseg.atomic import write_json_atomic, write_text_atomic
 from covidseg.config import Params
 from covidseg.data.labels import LabelScheme, scheme_for
 from covidseg.data.splits import load_splits
@@ -37,7 +37,18 @@ from covidseg.errors import CovidSegError
 from covidseg.precision import autocast
 from covidseg.stage import check_interrupt
 from covidseg.tracking import Tracker
-from covidseg.training.checkpoint import EpochRow, Parts, State, load_checkpoint, save_checkpoint
+from covidseg.training.checkpoint import (
+    BEST,
+    LAST,
+    EpochRow,
+    Parts,
+    State,
+    best_weights_error,
+    drop_run,
+    load_checkpoint,
+    save_checkpoint,
+    save_tensors,
+)
 from covidseg.training.dataset import BalancedSampler, DrawnSlices, SliceDataset
 from covidseg.training.losses import SegmentationLoss
 from covidseg.training.model import build_model, resolve_device
@@ -160,6 +171,19 @@ def make_loader(
 class Diverged(CovidSegError):
     """The training loss became NaN or infinite, or exploded."""
 
+    def __init__(self, reason: str, advice: str = "lower train.lr") -> None:
+        super().__init__(f"training diverged: {reason}; {advice}")
+        self.reason, self.advice = reason, advice
+
+
+def what_is_kept(error: Diverged, state: State, checkpoint_dir: Path) -> Diverged:
+    """`error` saying what is left of the run: its best epoch so far, if there is one."""
+    if state.best_epoch:
+        kept = f"the best epoch so far ({state.best_epoch}) is kept in {checkpoint_dir / BEST}"
+    else:
+        kept = "no epoch finished, so there is no model to keep"
+    return Diverged(error.reason, f"{kept} ({error.advice})")
+
 
 class LossMeter:
     """Sum of loss x slices; on CUDA kept on the device and read (one sync) only when shown.
@@ -197,8 +221,8 @@ class LossMeter:
         step = int(self.first_bad)
         if step >= 0:
             raise Diverged(
-                f"training diverged: the loss became NaN or infinite at epoch {self.epoch}, "
-                f"step {step}; the best model so far is kept (lower train.lr, or check the data)"
+                f"the loss became NaN or infinite at epoch {self.epoch}, step {step}",
+                "lower train.lr, or check the data",
             )
 
     def mean(self) -> float:
@@ -358,8 +382,7 @@ def end_of_epoch(
     score = row["val_dice"] if row["val_dice"] is not None else -row["train_loss"]
     if state.best_epoch == 0 or score > state.best_dice:
         state.best_epoch, state.best_dice, state.bad_epochs = state.epoch, score, 0
-        with atomic_file(checkpoint_dir / "best.pt") as tmp:
-            torch.save(model.state_dict(), tmp)
+        save_tensors(checkpoint_dir / BEST, model.state_dict())
     else:
         state.bad_epochs += 1
     patience = params.train.early_stopping_patience
@@ -405,7 +428,7 @@ def setup(params: Params, paths: TrainPaths, fold: int) -> Run:
     parts = build_parts(params, scheme.classes, device)
     paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(params, splits)
-    state = load_checkpoint(paths.checkpoint_dir / "last.pt", parts, fp) or State()
+    state = load_checkpoint(paths.checkpoint_dir / LAST, parts, fp) or State()
     if state.epoch and dist_info.main:
         log.info("resuming after epoch %d of %d", state.epoch, params.train.epochs)
     if not val_paths and dist_info.main:
@@ -413,7 +436,9 @@ def setup(params: Params, paths: TrainPaths, fold: int) -> Run:
     net = parts["model"]
     if dist_info.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(net)
-    tracker = None
+    loader = make_loader(train_set, params, dist_info, device)
+    loss_fn = SegmentationLoss(params.train.loss, scheme.classes)
+    tracker = None  # opened last: from here on, `train` closes it however the stage ends
     if dist_info.main:
         tracker = Tracker.start(params, run_id=state.run_id, stage="train", fold=fold)
     state.run_id = tracker.run_id if tracker else state.run_id
@@ -425,8 +450,8 @@ def setup(params: Params, paths: TrainPaths, fold: int) -> Run:
         scheme=scheme,
         parts=parts,
         net=net,
-        loader=make_loader(train_set, params, dist_info, device),
-        loss_fn=SegmentationLoss(params.train.loss, scheme.classes),
+        loader=loader,
+        loss_fn=loss_fn,
         val_cases=val_cases,
         state=state,
         fp=fp,
@@ -438,10 +463,7 @@ def setup(params: Params, paths: TrainPaths, fold: int) -> Run:
 def record_epoch(run: Run, epoch: int, train_loss: float, lr: float, *, start: float) -> bool:
     """Validate, checkpoint, log; True when early stopping says stop (main process only)."""
     if bad := non_finite_count(run.module.state_dict()):
-        raise Diverged(
-            f"training diverged: {bad} weights became NaN or infinite in epoch {epoch}; "
-            "the best model so far is kept (lower train.lr)"
-        )
+        raise Diverged(f"{bad} weights became NaN or infinite in epoch {epoch}")
     val_loss: float | None = None
     dices: dict[str, float] = {}
     if run.val_cases:
@@ -466,7 +488,7 @@ def record_epoch(run: Run, epoch: int, train_loss: float, lr: float, *, start: f
     stop = end_of_epoch(
         run.state, row, run.params, run.module, checkpoint_dir=run.paths.checkpoint_dir
     )
-    save_checkpoint(run.paths.checkpoint_dir / "last.pt", run.state, run.parts, run.fp)
+    save_checkpoint(run.paths.checkpoint_dir / LAST, run.state, run.parts, run.fp)
     write_log(run.paths.log, run.state.history or [])
     if run.tracker:
         metrics = {c: row[c] for c in LOG_COLUMNS} | {f"val_dice.{c}": d for c, d in dices.items()}
@@ -480,9 +502,8 @@ def check_explosion(run: Run, epoch: int, train_loss: float) -> None:
     losses = [row["train_loss"] for row in run.state.history or []]
     if factor is not None and losses and train_loss > factor * min(losses):
         raise Diverged(
-            f"training diverged: the loss of epoch {epoch} ({train_loss:.4g}) is over "
-            f"train.max_loss_factor={factor:g} times the lowest so far ({min(losses):.4g}); "
-            "the best model so far is kept"
+            f"the loss of epoch {epoch} ({train_loss:.4g}) is over "
+            f"train.max_loss_factor={factor:g} times the lowest so far ({min(losses):.4g})"
         )
 
 
@@ -515,66 +536,69 @@ def train(params: Params, paths: TrainPaths, *, fold: int = 0) -> TrainSummary |
     """Train (or resume) one fold and write its model folder, metrics and per-epoch log; the
     summary in `metrics/train.json` (None on the other ranks of a DDP run)."""
     run = setup(params, paths, fold)
-    speed = 0.0
     try:
-        for epoch in range(run.state.epoch + 1, params.train.epochs + 1):
-            stop, speed = one_epoch(run, epoch)
-            if stop:
-                break
+        summary = run_epochs(run)
     except BaseException as error:
-        if run.tracker:
+        if run.tracker:  # never left RUNNING, however the stage stops
             run.tracker.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        if isinstance(error, Diverged):
+            raise what_is_kept(error, run.state, paths.checkpoint_dir) from None
         raise
-    in_sync = ranks_in_sync(run.module, run.dist)
-    summary = None
-    if run.dist.main:
-        summary = finish(
-            params,
-            paths,
-            state=run.state,
-            fold=run.fold,
-            speed=speed,
-            dist_info=run.dist,
-            in_sync=in_sync,
-            tracker=run.tracker,
-        )
-        run.state.complete = True
-        save_checkpoint(paths.checkpoint_dir / "last.pt", run.state, run.parts, run.fp)
+    if run.tracker:
+        run.tracker.end()
     if run.dist.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
     return summary
 
 
-def finish(
-    params: Params,
-    paths: TrainPaths,
-    *,
-    state: State,
-    fold: int,
-    speed: float,
-    dist_info: Dist,
-    in_sync: bool,
-    tracker: Tracker | None,
-) -> TrainSummary:
+def run_epochs(run: Run) -> TrainSummary | None:
+    """The remaining epochs, then (main process) the model folder and the summary."""
+    speed = 0.0
+    for epoch in range(run.state.epoch + 1, run.params.train.epochs + 1):
+        stop, speed = one_epoch(run, epoch)
+        if stop:
+            break
+    in_sync = ranks_in_sync(run.module, run.dist)
+    if not run.dist.main:
+        return None
+    summary = finish(run, speed=speed, in_sync=in_sync)
+    run.state.complete = True
+    save_checkpoint(run.paths.checkpoint_dir / LAST, run.state, run.parts, run.fp)
+    return summary
+
+
+def best_weights(run: Run) -> dict[str, torch.Tensor]:
+    """The best epoch's weights; damaged ones are set aside (with the checkpoint that relies
+    on them, so that the next run trains the fold again) and are one line."""
+    path = run.paths.checkpoint_dir / BEST
+    if reason := best_weights_error(path, run.module):
+        kept = drop_run(run.paths.checkpoint_dir)
+        raise CovidSegError(
+            f"{path}: {reason}; kept {kept}: run again to train fold {run.fold} from the start"
+        )
+    weights: dict[str, torch.Tensor] = torch.load(path, map_location="cpu", weights_only=True)
+    return weights
+
+
+def finish(run: Run, *, speed: float, in_sync: bool) -> TrainSummary:
     """Export the best weights as the model folder and write `metrics/train.json`."""
-    best = torch.load(paths.checkpoint_dir / "best.pt", map_location="cpu", weights_only=True)
-    save_model(paths.model_dir, best, model_spec(params, state, fold))
+    state, paths = run.state, run.paths
+    save_model(paths.model_dir, best_weights(run), model_spec(run.params, state, run.fold))
     last = state.history[-1] if state.history else None
     summary: TrainSummary = {
-        "fold": fold,
+        "fold": run.fold,
         "best_epoch": state.best_epoch,
         "best_val_dice": state.best_dice if last and last.get("val_dice") is not None else None,
         "epochs_run": state.epoch,
         "final_train_loss": last.get("train_loss") if last else None,
         "final_val_loss": last.get("val_loss") if last else None,
         "slices_per_s": round(speed, 3) if speed else None,
-        "world_size": dist_info.world_size,
+        "world_size": run.dist.world_size,
         "ranks_in_sync": in_sync,
     }
     write_json_atomic(paths.metrics, summary)
-    if tracker:
-        tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        tracker.log_artifact(paths.log, "training")
-        tracker.end()
+    if run.tracker:
+        run.tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        run.tracker.log_artifact(paths.log, "training")
     return summary

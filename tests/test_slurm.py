@@ -1,0 +1,404 @@
+"""Cross-validation on Slurm: a real single-host cluster (`deploy/slurm/cluster.sh`) and the team
+stack (`deploy/stack.sh`), one array task per fold (`deploy/slurm/submit.sh`).
+
+One scenario, submitted once and read by every test: the tiny three-fold CV of the `cv_repo`
+fixture (the same commit, run locally with `dvc repro` for the whole session) is submitted with
+fold 2's task cancelled: the head fails in one line naming fold 2. Submitted again, folds 0 and
+1 are restored from the run-cache, fold 2 trains, and the head trains nothing, aggregates and
+pushes the experiment into the submitting clone, with the local run's numbers. Then `cluster.sh
+stop` with a job running leaves no process.
+
+Needs Debian's `slurm-wlm` and `munge`, and what the team stack needs (PostgreSQL, `weed`);
+without Slurm the tests skip, unless CI is set: then they fail.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pipeline_repo import ROOT, CvRepo, env, run
+from team_stack import TeamStack, missing_tools, parse_exports
+
+# with the other users of `cv_repo` on one pytest-xdist worker, which builds it once
+pytestmark = [pytest.mark.slow, pytest.mark.team, pytest.mark.xdist_group("cv")]
+
+SLURM = ROOT / "deploy" / "slurm"
+CLIENT_ENV = ("MLFLOW_", "AWS_", "DVC_", "SLURM_")
+DAEMONS = ("munged", "slurmctld", "slurmd")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def fail_or_skip(message: str) -> None:
+    if in_ci():
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def slurm_installed() -> bool:
+    return any(shutil.which("slurmctld", path=p) for p in (None, "/usr/sbin:/sbin"))
+
+
+@dataclass
+class Cluster:
+    """One `cluster.sh` folder and the environment its `start` printed."""
+
+    dir: Path
+    env: dict[str, str]
+
+    def script(self, action: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            ["bash", str(SLURM / "cluster.sh"), action, str(self.dir)],
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert done.returncode == 0, f"cluster.sh {action}: {done.stderr}"
+        return done
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            args, env=env() | self.env, capture_output=True, text=True, timeout=60
+        )
+        assert not check or done.returncode == 0, f"{' '.join(args)}: {done.stderr}"
+        return done
+
+    def jobs(self, job: str) -> dict[str, tuple[str, str]]:
+        """`scontrol show job` of a job or an array: {task or "-": (state, exit code)}."""
+        out = {}
+        for line in self.run("scontrol", "show", "job", "-o", job).stdout.splitlines():
+            fields = dict(re.findall(r"(\w+)=(\S*)", line))
+            out[fields.get("ArrayTaskId", "-")] = (fields["JobState"], fields["ExitCode"])
+        return out
+
+
+def processes_of(cluster_dir: Path, pids: list[int]) -> list[str]:
+    """Live processes of the cluster: `pids`, their sessions, anything naming the folder, and
+    any slurmstepd working in it."""
+    out = []
+    listing = subprocess.run(
+        ["ps", "-eo", "pid=,sid=,stat=,comm=,args="], capture_output=True, text=True
+    ).stdout
+    for line in listing.splitlines():
+        pid, sid, stat, comm, *args = line.split(maxsplit=4)
+        if stat.startswith("Z"):
+            continue  # gone, waiting to be reaped
+        cwd = ""
+        if comm == "slurmstepd":
+            try:
+                cwd = os.readlink(f"/proc/{pid}/cwd")
+            except OSError:
+                continue
+        named = str(cluster_dir) in (args[0] if args else "") or cwd.startswith(str(cluster_dir))
+        if named or {int(pid), int(sid)} & set(pids):
+            out.append(line.strip())
+    return out
+
+
+def recorded_pids(cluster_dir: Path) -> list[int]:
+    return [int(f.read_text().split()[0]) for f in (cluster_dir / "run").glob("*.pid")]
+
+
+@dataclass
+class Submission:
+    """One `submit.sh --wait`: its exit status, output and jobs."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    name: str
+    prepare: str
+    folds: str
+    head: str
+    logs: Path
+
+    def log(self, kind: str, fold: int | None = None) -> str:
+        if kind == "fold":
+            return (self.logs / f"fold-{fold}-{self.folds}.out").read_text()
+        job = self.prepare if kind == "prepare" else self.head
+        return (self.logs / f"{kind}-{job}.out").read_text()
+
+
+@dataclass
+class Scenario:
+    repo: Path  # the submitting clone
+    scratch: Path  # the jobs' clones (kept)
+    first: Submission  # fold 2 cancelled
+    second: Submission  # resubmitted: completes
+    slurm_s: float  # wall time of the second submission, submit to head's end
+
+
+# --- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    if not slurm_installed():
+        fail_or_skip("Slurm is not installed (apt-get install slurm-wlm munge)")
+    folder = Path(tempfile.mkdtemp(prefix="covidseg-slurm-"))
+    started = subprocess.run(
+        ["bash", str(SLURM / "cluster.sh"), "start", str(folder)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert started.returncode == 0, started.stderr
+    try:
+        yield Cluster(folder, parse_exports(started.stdout.splitlines()))
+    finally:
+        pids = recorded_pids(folder)
+        subprocess.run(["bash", str(SLURM / "cluster.sh"), "stop", str(folder)], env=env())
+        left = processes_of(folder, pids)
+        shutil.rmtree(folder, ignore_errors=True)
+        assert left == [], f"processes left after cluster.sh stop: {left}"
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[TeamStack]:
+    if need := missing_tools():
+        fail_or_skip(f"the team stack needs {', '.join(need)}")
+    team = TeamStack.create()
+    try:
+        team.start()
+        yield team
+    finally:
+        left = team.stop()
+        team.remove()
+    assert left == [], f"processes left after stack.sh stop: {left}"
+
+
+def user_env(stack: TeamStack, cluster: Cluster) -> dict[str, str]:
+    """A user's shell after `eval "$(deploy/stack.sh start ...)"` and `eval "$(cluster.sh
+    start ...)"`, with the thread count of the `cv_repo` run."""
+    out = {k: v for k, v in env().items() if not k.startswith(CLIENT_ENV)}
+    return out | stack.env | cluster.env | {"MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def submit(
+    repo: Path, environ: dict[str, str], *args: str, cancel_fold: int | None = None
+) -> Submission:
+    """`submit.sh --wait ARGS`; with `cancel_fold`, that fold's task is cancelled as soon as the
+    jobs are submitted (it waits behind `prepare`, so it never starts)."""
+    command = ["bash", str(SLURM / "submit.sh"), "--wait", *args]
+    process = subprocess.Popen(
+        command, cwd=repo, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    printed: dict[str, str] = {}
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        key, _, value = line.strip().partition("=")
+        printed[key] = value
+        if key == "LOGS":
+            break
+    if cancel_fold is not None and "FOLD_JOB" in printed:
+        scancel = ["scancel", f"{printed['FOLD_JOB']}_{cancel_fold}"]
+        subprocess.run(scancel, env=environ, check=True, timeout=30)
+    out, err = process.communicate(timeout=1200)
+    assert "HEAD_JOB" in printed, err
+    return Submission(
+        returncode=process.returncode,
+        stdout="".join(lines) + out,
+        stderr=err,
+        name=printed["NAME"],
+        prepare=printed["PREPARE_JOB"],
+        folds=printed["FOLD_JOB"],
+        head=printed["HEAD_JOB"],
+        logs=Path(printed["LOGS"]),
+    )
+
+
+@pytest.fixture(scope="module")
+def scenario(
+    cluster: Cluster,
+    stack: TeamStack,
+    cv_repo: CvRepo,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Scenario:
+    """The `cv_repo` pipeline commit (before its results), cloned, with the stack's DVC remote
+    committed; submitted with fold 2 cancelled, then again."""
+    root = tmp_path_factory.mktemp("slurm")
+    repo, scratch = root / "clone", root / "scratch"
+    run(root, "git", "clone", "-q", str(cv_repo.path), str(repo))
+    run(repo, "git", "reset", "-q", "--hard", "HEAD~1")  # the commit `cv_repo` reproduced
+    assert not (repo / "dvc.lock").exists()
+    remote_lines = [line for line in stack.lines if line.startswith("dvc remote ")]
+    run(repo, "bash", "-c", "set -e; " + "; ".join(remote_lines))
+    run(repo, "git", "add", ".dvc/config")
+    run(repo, "git", "commit", "-qm", "the team's DVC remote")
+    environ = user_env(stack, cluster)
+    options = ("--keep", "--scratch", str(scratch))
+    first = submit(repo, environ, *options, cancel_fold=2)
+    started = time.monotonic()
+    second = submit(repo, environ, *options)
+    return Scenario(repo, scratch, first, second, slurm_s=time.monotonic() - started)
+
+
+def exp_ref(repo: Path, name: str) -> str:
+    """The git ref of the experiment `name`."""
+    refs = run(repo, "git", "for-each-ref", "--format=%(refname)", "refs/exps").stdout.split()
+    (ref,) = [r for r in refs if r.endswith(f"/{name}")]
+    return ref
+
+
+def kept(scenario: Scenario, submission: Submission, tag: str, job: str) -> Path:
+    return scenario.scratch / "covidseg-slurm" / submission.name / f"{tag}-{job}"
+
+
+# --- tests ---------------------------------------------------------------------------------
+
+
+def test_a_cancelled_fold_fails_the_head_in_one_line_and_only_it_runs_again(
+    scenario: Scenario, cluster: Cluster
+) -> None:
+    first, second = scenario.first, scenario.second
+    assert first.returncode == 1, first.stderr
+    last = first.stderr.strip().splitlines()[-1]
+    expected = rf"error: folds 2 of {first.name} did not finish \(fold 2 CANCELLED\): .*"
+    assert re.fullmatch(expected, last), last
+    assert "Traceback" not in first.stderr
+    states = {task: state for task, (state, _) in cluster.jobs(first.folds).items()}
+    assert states == {"0": "COMPLETED", "1": "COMPLETED", "2": "CANCELLED"}
+    assert cluster.jobs(first.head) == {"-": ("FAILED", "1:0")}
+    assert last in first.log("head")
+    assert second.name == first.name  # the same commit and params: the same experiment
+
+    # resubmitted: folds 0 and 1 come from the run-cache, fold 2 alone trains
+    for fold in (0, 1):
+        log = second.log("fold", fold)
+        for stage in (f"train@{fold}", f"evaluate@{fold}"):
+            assert f"Stage '{stage}' is cached - skipping run" in log, log[-3000:]
+            assert f"Running stage '{stage}'" not in log
+    log = second.log("fold", 2)
+    assert "Running stage 'train@2'" in log and "Running stage 'evaluate@2'" in log, log[-3000:]
+    fold_jobs = {fold: re.search(r": job (\d+) on", second.log("fold", fold)) for fold in (0, 1, 2)}
+    for fold, match in fold_jobs.items():
+        assert match is not None
+        folder = kept(scenario, second, f"fold-{fold}", match.group(1))
+        assert (folder / "models" / f"fold-{fold}" / "model.pt").is_file()
+        trained = (folder / "models" / "checkpoints").exists()
+        assert trained == (fold == 2), folder
+
+
+def test_the_cluster_run_is_an_experiment_with_the_numbers_of_the_local_run(
+    scenario: Scenario, cluster: Cluster, cv_repo: CvRepo
+) -> None:
+    second = scenario.second
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert cluster.jobs(second.prepare) == {"-": ("COMPLETED", "0:0")}
+    assert cluster.jobs(second.folds) == {str(k): ("COMPLETED", "0:0") for k in range(3)}
+    assert cluster.jobs(second.head) == {"-": ("COMPLETED", "0:0")}
+    logs = [second.log("prepare"), second.log("head"), *(second.log("fold", k) for k in range(3))]
+    for log in logs:
+        assert f"(uid {os.getuid()})" in log  # every job ran as the submitting user
+
+    # the head trained and evaluated nothing: every fold restored from the run-cache
+    head_log = second.log("head")
+    for fold in range(3):
+        for stage in (f"train@{fold}", f"evaluate@{fold}"):
+            assert f"Stage '{stage}' is cached - skipping run" in head_log, head_log[-3000:]
+    assert not re.search(r"^Running stage '(train|evaluate)@", head_log, re.MULTILINE)
+    assert "Running stage 'aggregate'" in head_log
+    head = kept(scenario, second, "head", second.head)
+    assert all((head / "models" / f"fold-{k}" / "model.pt").is_file() for k in range(3))
+    assert not (head / "models" / "checkpoints").exists()
+
+    # the experiment, in the submitting clone, beside its baseline; the workspace untouched
+    repo = scenario.repo
+    assert run(repo, "git", "status", "--porcelain").stdout == ""
+    shown = json.loads(run(repo, "dvc", "exp", "show", "--json").stdout)
+    (baseline,) = [row for row in shown if row["rev"] != "workspace"]
+    (exp,) = [rev for group in baseline["experiments"] or [] for rev in group["revs"]]
+    assert exp["name"] == second.name
+    local = json.loads((cv_repo.path / "metrics" / "evaluate.json").read_text())
+    assert exp["data"]["metrics"]["metrics/evaluate.json"]["data"] == local  # number for number
+    ref = exp_ref(repo, second.name)
+    for name in ("metrics/evaluate.json", "metrics/per_case.csv", "metrics/per_fold.csv"):
+        theirs = run(repo, "git", "show", f"{ref}:{name}").stdout
+        assert theirs == (cv_repo.path / name).read_text(), name
+    with (cv_repo.path / "metrics" / "per_case.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 3  # one test case per fold
+
+
+def test_mlflow_holds_one_parent_run_with_a_child_per_fold(
+    scenario: Scenario, stack: TeamStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    for name in list(os.environ):
+        if name.startswith(CLIENT_ENV):
+            monkeypatch.delenv(name)
+    for name, value in stack.env.items():
+        monkeypatch.setenv(name, value)
+    client = MlflowClient(stack.env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("covidseg")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["covidseg.fold"] for r in children) == ["0", "1", "2"]
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert {r.data.tags.get("dvc.exp_name") for r in runs} == {scenario.second.name}
+    ref = exp_ref(scenario.repo, scenario.second.name)
+    summary = json.loads(run(scenario.repo, "git", "show", f"{ref}:metrics/evaluate.json").stdout)
+    assert parent.data.metrics["dice"] == pytest.approx(summary["dice"])
+    version = client.get_model_version_by_alias("covidseg", "champion")
+    assert version.run_id == parent.info.run_id  # the fold ensemble, registered by the head
+
+
+def test_submit_refuses_uncommitted_changes_and_bad_params_before_any_job(
+    scenario: Scenario, stack: TeamStack, cluster: Cluster
+) -> None:
+    environ = user_env(stack, cluster)
+    before = cluster.run("squeue", "-h", "-o", "%i").stdout
+    script = ["bash", str(SLURM / "submit.sh")]
+    refused = subprocess.run(
+        [*script, "-S", "train.lr=-1"],
+        cwd=scenario.repo,
+        env=environ,
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 1
+    assert refused.stderr.count("\n") == 1 and "train.lr" in refused.stderr, refused.stderr
+    (scenario.repo / "notes.txt").write_text("draft")
+    try:
+        dirty = subprocess.run(
+            script, cwd=scenario.repo, env=environ, capture_output=True, text=True
+        )
+    finally:
+        (scenario.repo / "notes.txt").unlink()
+    assert dirty.returncode == 1
+    assert "uncommitted changes (notes.txt" in dirty.stderr and dirty.stderr.count("\n") == 1
+    assert cluster.run("squeue", "-h", "-o", "%i").stdout == before  # nothing submitted
+
+
+def test_cluster_stop_leaves_no_process_even_with_a_job_running(cluster: Cluster) -> None:
+    job = cluster.run("sbatch", "--parsable", "--wrap", "sleep 300").stdout.strip()
+    deadline = time.monotonic() + 60
+    while cluster.jobs(job)["-"][0] != "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cluster.jobs(job)["-"][0] == "RUNNING"
+    pids = recorded_pids(cluster.dir)
+    assert len(pids) == len(DAEMONS)
+    assert any("slurmstepd" in line for line in processes_of(cluster.dir, pids))
+    stopped = cluster.script("stop")
+    assert f"cancelling jobs: {job}" in stopped.stderr
+    assert processes_of(cluster.dir, pids) == []
+    assert not list((cluster.dir / "run").glob("*.pid"))
