@@ -152,7 +152,9 @@ check_folds() {  # fail with one line unless every fold is marked done
     grep -qx "$fold" <<<"$finished" && continue
     missing+=("$fold")
     state=$(awk -v f="$fold" '$1 == f {print $2; exit}' <<<"$states")
-    why+=("fold $fold ${state:-no Slurm record}")
+    # a task cancelled while pending leaves no record of its own beside its array's
+    [[ -n $state ]] || { [[ -n $states ]] && state="never ran"; } || state="no Slurm record"
+    why+=("fold $fold $state")
   done
   [[ ${#missing[@]} -eq 0 ]] && return 0
   die "folds $(IFS=,; echo "${missing[*]}") of $NAME did not finish" \
