@@ -14,7 +14,9 @@ without Slurm the tests skip, unless CI is set: then they fail.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import ipaddress
 import json
 import os
 import re
@@ -109,8 +111,35 @@ def processes_of(cluster_dir: Path, pids: list[int]) -> list[str]:
     return out
 
 
+def listening(pids: list[int]) -> set[str]:
+    """The TCP addresses these processes listen on, as `address:port` (from /proc)."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    out = set()
+    for table, size in (("tcp", 4), ("tcp6", 16)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and inode in inodes:  # LISTEN
+                address, port = local.split(":")
+                raw = bytes.fromhex(address)
+                if size == 4:
+                    raw = raw[::-1]
+                else:  # four little-endian 32-bit words
+                    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+                out.add(f"{ipaddress.ip_address(raw)}:{int(port, 16)}")
+    return out
+
+
 def recorded_pids(cluster_dir: Path) -> list[int]:
-    return [int(f.read_text().split()[0]) for f in (cluster_dir / "run").glob("*.pid")]
+    """The daemons `cluster.sh start` started, by the pid files it wrote."""
+    files = [cluster_dir / "run" / f"{name}.pid" for name in DAEMONS]
+    return [int(f.read_text().split()[0]) for f in files if f.exists()]
 
 
 @dataclass
@@ -399,8 +428,10 @@ def test_cluster_stop_leaves_no_process_even_with_a_job_running(cluster: Cluster
     assert cluster.jobs(job)["-"][0] == "RUNNING"
     pids = recorded_pids(cluster.dir)
     assert len(pids) == len(DAEMONS)
+    ports = listening(pids)
+    assert len(ports) == 2 and all(p.startswith("127.0.0.1:") for p in ports), ports
     assert any("slurmstepd" in line for line in processes_of(cluster.dir, pids))
     stopped = cluster.script("stop")
     assert f"cancelling jobs: {job}" in stopped.stderr
     assert processes_of(cluster.dir, pids) == []
-    assert not list((cluster.dir / "run").glob("*.pid"))
+    assert recorded_pids(cluster.dir) == []

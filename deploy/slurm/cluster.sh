@@ -165,6 +165,8 @@ AuthType=auth/munge
 AuthInfo=socket=$DIR/munge/munge.socket
 CredType=cred/munge
 MpiDefault=none
+# bind to the address the names resolve to (127.0.0.1 below), not to every interface
+CommunicationParameters=NoInAddrAny,NoCtldInAddrAny
 # no cgroups, no systemd: a real cluster uses proctrack/cgroup and task/cgroup,affinity
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

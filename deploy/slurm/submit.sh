@@ -9,10 +9,11 @@
 #   2. one array task per fold of split.folds (after 1): train@k + evaluate@k, outputs and
 #      run-cache pushed to the remote, tracked to the MLflow server;
 #   3. `head` (after every task of 2 ended): fails with one line naming the folds that did not
-#      finish (a fold task marks its fold done in GIT, under refs/covidseg-slurm/); else `dvc exp run -n NAME` restores every fold from the run-cache, runs aggregate
-#      and `dvc exp push`es the experiment NAME to GIT: `dvc exp show` there lists it.
-# Each job works in a clone of the commit under DIR (default: $COVIDSEG_SLURM_SCRATCH, else
-# $TMPDIR, else /tmp, on the node), removed at its end unless --keep.
+#      finish (a finished task marks its fold done in GIT, under refs/covidseg-slurm/); else
+#      `dvc exp run -n NAME` restores every fold from the run-cache, runs aggregate, and
+#      `dvc exp push` sends the experiment NAME to GIT: `dvc exp show` there lists it.
+# Each job works in a clone of the commit under DIR (--scratch; default on the node:
+# $COVIDSEG_SLURM_SCRATCH, else $TMPDIR, else /tmp), removed at its end unless --keep.
 #
 #   --wait        block until the head job ends; exit with its status (its error line on stderr)
 #   -n NAME       the experiment's name (default cv-<commit>[-<hash of the -S values>]: the same
@@ -165,6 +166,7 @@ elif git remote get-url "$REPO" >/dev/null 2>&1; then
     die "commit ${COMMIT:0:7} is not on $remote (git push $remote first): the jobs clone from there"
   fi
 fi
+[[ -z $SCRATCH ]] || SCRATCH=$(realpath -m "$SCRATCH")
 LOGS=${LOGS:-$ROOT/.dvc/tmp/slurm/$NAME}
 mkdir -p "$LOGS"
 LOGS=$(cd "$LOGS" && pwd)
@@ -182,11 +184,12 @@ PREPARE_JOB=$(sub --job-name="$NAME:prepare" --output="$LOGS/prepare-%j.out" \
   "${ALL_OPTS[@]}" "$JOB" prepare "${job_args[@]}" "${SETS[@]}")
 FOLD_JOB=$(sub --job-name="$NAME:fold" --output="$LOGS/fold-%a-%A.out" --array="$FOLDS" \
   --dependency="afterok:$PREPARE_JOB" --kill-on-invalid-dep=yes \
-  "${ALL_OPTS[@]}" "${FOLD_OPTS[@]}" "$JOB" fold "${job_args[@]}" "${SETS[@]}")
+  "${ALL_OPTS[@]}" "${FOLD_OPTS[@]}" "$JOB" fold "${job_args[@]}" "${SETS[@]}") ||
+  { scancel "$PREPARE_JOB"; exit 1; }
 HEAD_JOB=$(sub --job-name="$NAME:head" --output="$LOGS/head-%j.out" \
   --dependency="afterany:$FOLD_JOB" \
   "${ALL_OPTS[@]}" "$JOB" head "${job_args[@]}" "$PREPARE_JOB" "$FOLD_JOB" "$FOLDS" \
-  "${SETS[@]}")
+  "${SETS[@]}") || { scancel "$PREPARE_JOB" "$FOLD_JOB"; exit 1; }
 
 say "submitted $NAME (commit ${COMMIT:0:7}, folds $FOLDS): prepare $PREPARE_JOB, folds" \
   "$FOLD_JOB, head $HEAD_JOB; logs in $LOGS"
