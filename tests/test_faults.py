@@ -539,8 +539,10 @@ def header_only(path: Path, shape: tuple[int, ...], dtype: type = np.int16) -> P
     return path
 
 
+# the peak resident memory of this process (VmHWM; `ru_maxrss` would carry over the peak of a
+# large parent such as a pytest-xdist worker, since it survives fork and exec)
 READ_AND_MEASURE = """
-import resource, sys
+import sys
 from pathlib import Path
 from covidseg import CovidSegError
 from covidseg.data.volumes import read_nifti
@@ -548,7 +550,8 @@ try:
     read_nifti(Path(sys.argv[1]), "case")
 except CovidSegError as error:
     print(error)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+status = Path("/proc/self/status").read_text().splitlines()
+print(next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")))
 """
 
 
