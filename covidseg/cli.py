@@ -92,13 +92,13 @@ def parser() -> argparse.ArgumentParser:
         help="auto: channels_last, and bf16 where it measures faster; fp32: the reference path; "
         "int8 (CPU): quantized on the scan's own slices and checked there, fp32 where the check "
         "fails; much faster on a long scan, lesion volumes within 1 %% on a trained UNet++ "
-        "(README)",
+        "(docs/how-to/fast-inference.md)",
     )
     predict.add_argument(
         "--crop",
         action="store_true",
         help="run each slice's body box only: faster where the field of view is mostly air; "
-        "lesion volumes moved by up to 0.9 %% on a trained model (README)",
+        "lesion volumes moved by up to 0.9 %% on a trained model (docs/how-to/fast-inference.md)",
     )
     return root
 

@@ -30,7 +30,7 @@ ZENODO_SHA256 = {  # as published for record 3757476
 BENCHMARK_FOLDS = 5  # the dataset authors' Task 1 folds, either protocol
 CPU_BATCH_SIZE = 2  # slices per forward pass of `predict` on a CPU: the fastest per slice there
 GPU_BATCH_SIZE = 8
-Precision = Literal["auto", "fp32", "bf16", "int8"]  # inference paths (README, "Fast inference")
+Precision = Literal["auto", "fp32", "bf16", "int8"]  # inference paths (docs: fast inference)
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 DeviceChoice = Literal["auto", "cpu", "cuda", "mps"]  # `runtime.device`, `predict --device`
 DEVICE_CHOICES: tuple[DeviceChoice, ...] = get_args(DeviceChoice)
@@ -207,7 +207,7 @@ class EvaluateParams(_Section):
     nsd_tolerance_mm: PositiveFloat = 3.0
     lung_nsd_tolerance_mm: PositiveFloat = 1.0
     tta_flip: bool = False
-    precision: Precision = "fp32"  # metrics that do not depend on a timing (README)
+    precision: Precision = "fp32"  # metrics that do not depend on a timing (docs)
 
 
 class RuntimeParams(_Section):

@@ -75,7 +75,7 @@ def cpu_bf16_pays() -> bool:
     once per process on a layer shaped like the network's, at least BF16_MIN_GAIN faster.
 
     Native bf16 alone does not say it: on some AVX-512 BF16 machines oneDNN's bf16
-    convolutions measured slower than its fp32 ones (README, "Fast inference")."""
+    convolutions measured slower than its fp32 ones (docs/how-to/fast-inference.md)."""
     if not cpu_runs_bf16():
         return False
     with torch.random.fork_rng(devices=[]):  # the layer's initialisation leaves no trace

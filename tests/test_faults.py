@@ -1,7 +1,7 @@
 """What happens when things go wrong: one test per fault, named for it.
 
 Each fault ends in one clear line (no traceback), leaves no half-written output, and never lets
-a diverged or damaged model reach a user. The README's "What happens when things go wrong"
+a diverged or damaged model reach a user. The fault table (docs/reference/faults.md)
 lists these together with the older fault tests kept beside the code they cover.
 """
 

@@ -2,7 +2,7 @@
 
 `body_boxes` finds the voxels above -500 HU, widens them by S/16 and aligns the box to the
 encoder stride, background outside: fewer pixels, but the network's answer moves with its field
-of view (README, "Fast inference"). `evaluate` never crops.
+of view (docs/how-to/fast-inference.md). `evaluate` never crops.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 from covidseg.inference.segment import InferenceOptions, whole_slices
 
 CROP_MARGIN_PARTS = 16  # the body box is widened by S / 16 (32 px at 512): a narrower margin
-# moved a trained model's lesion volume by up to 2.8 % (README, "Fast inference")
+# moved a trained model's lesion volume by up to 2.8 % (docs/how-to/fast-inference.md)
 BODY_HU = -500.0  # above air (about -1000 HU), below fat (about -100): the body's outline
 STRIDE = 32  # the encoders' total stride: crop boxes start and end on multiples of it
 

@@ -6,7 +6,7 @@ for the oneDNN engine (int8 convolutions, per-channel weights, 8-bit per-tensor 
 on a CPU without VNNI, whose int16 intermediates saturate otherwise);
 the decoder's full-resolution blocks (UNet++'s `x_0_*` column), the segmentation head and the
 sigmoid or softmax stay fp32: quantizing those moved a trained model's lesion volume by 2-3 %
-(README, "Fast inference"). A part that FX cannot trace (a decoder whose loop reads tensor
+(docs/how-to/fast-inference.md). A part that FX cannot trace (a decoder whose loop reads tensor
 shapes, such as Unet's) stays fp32. Observers see a few evenly spaced slices of the volume being
 segmented, so the activation ranges are that scan's; their histograms sample every
 `HISTOGRAM_STRIDE`-th value (and the exact extremes), which halves the calibration's time.
@@ -45,7 +45,7 @@ ENGINE = "onednn"  # 8-bit activations where the CPU has VNNI, 7 bits without (`
 CALIBRATION_SLICES = 8
 FP32_DECODER_BLOCKS = "blocks.x_0_"  # UNet++'s full-resolution column stays fp32
 KEPT_ATTRIBUTES = ("output_stride", "out_channels")  # encoder attributes SMP's forward reads
-MAX_LABEL_CHANGE = 0.005  # the README's bar: 99.5 % of voxels equal ...
+MAX_LABEL_CHANGE = 0.005  # the documented bar: 99.5 % of voxels equal ...
 MAX_VOLUME_CHANGE = 0.01  # ... and the positive volume within 1 %
 HISTOGRAM_STRIDE = 7  # the histogram sees every 7th activation (odd: no aliasing with rows)
 QUIET = ("quantize_per_tensor", "cat operator", "reduce_range", "quant_min")  # torch's warnings
@@ -60,7 +60,8 @@ def int8_available() -> bool:
 
 @contextmanager
 def quiet() -> Iterator[None]:
-    """Without torch's deprecation and quantized-`cat` warnings (README says what they mean)."""
+    """Without torch's deprecation and quantized-`cat` warnings (explained in
+    docs/how-to/fast-inference.md)."""
     with warnings.catch_warnings():
         for text in QUIET:
             warnings.filterwarnings("ignore", message=f".*{text}")
@@ -139,7 +140,7 @@ def observe(net: SegmentationModel, example: torch.Tensor) -> list[str]:
 
 
 def agrees(reference: np.ndarray, labels: np.ndarray) -> bool:
-    """The README's agreement bar, on the calibration slices."""
+    """The documented agreement bar, on the calibration slices."""
     changed = float((reference != labels).mean())
     ref_volume, volume = int((reference > 0).sum()), int((labels > 0).sum())
     moved = abs(volume - ref_volume) / max(ref_volume, 1)

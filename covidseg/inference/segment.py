@@ -72,7 +72,7 @@ def _batches(boxes: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, t
 
 def default_batch_size(device: torch.device) -> int:
     """Slices per forward pass when none is asked for: fewer on a CPU, where larger batches
-    measured slower per slice (README, "Fast inference")."""
+    measured slower per slice (docs/how-to/fast-inference.md)."""
     return CPU_BATCH_SIZE if device.type == "cpu" else GPU_BATCH_SIZE
 
 
