@@ -168,7 +168,6 @@ class Scenario:
     scratch: Path  # the jobs' clones (kept)
     first: Submission  # fold 2 cancelled
     second: Submission  # resubmitted: completes
-    slurm_s: float  # wall time of the second submission, submit to head's end
 
 
 # --- fixtures ------------------------------------------------------------------------------
@@ -274,9 +273,8 @@ def scenario(
     environ = user_env(stack, cluster)
     options = ("--keep", "--scratch", str(scratch))
     first = submit(repo, environ, *options, cancel_fold=2)
-    started = time.monotonic()
     second = submit(repo, environ, *options)
-    return Scenario(repo, scratch, first, second, slurm_s=time.monotonic() - started)
+    return Scenario(repo, scratch, first, second)
 
 
 def exp_ref(repo: Path, name: str) -> str:
