@@ -29,7 +29,6 @@ from typing import TypedDict
 
 import numpy as np
 import torch
-from monai.metrics.utils import get_edge_surface_distance
 
 from covidseg.data.volumes import voxel_volume_ml
 
@@ -90,6 +89,10 @@ def surface_metrics(
     Same edges, distances and reductions as MONAI's `compute_surface_dice` and
     `compute_hausdorff_distance(percentile=95)`, which would each redo the surface search.
     """
+    # imported here: `import monai` loads all of MONAI (~9 s of CPU), which only the
+    # processes that score a case need, not those that import this module for its names
+    from monai.metrics.utils import get_edge_surface_distance
+
     y_pred, y = (torch.from_numpy(np.ascontiguousarray(a)) for a in (pred, ref))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"the (ground truth|prediction) of class")
