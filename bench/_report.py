@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
@@ -68,3 +69,20 @@ def verdict(ratio: float, goal: float) -> str:
     """`ratio 1.23x (goal <= 1.5x): met` or `... not met`."""
     state = "met" if ratio <= goal else "NOT met"
     return f"{ratio:.2f}x (goal <= {goal:.2f}x): {state}"
+
+
+def model_args(
+    description: str, quick: str, more: Callable[[argparse.ArgumentParser], object]
+) -> argparse.Namespace:
+    """The command line of a benchmark of one small model: --quick (whose effect `quick` says),
+    --arch, --encoder, --size and --repeats (3, or 2 with --quick), and what `more` adds."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--arch", default="Unet")
+    parser.add_argument("--encoder", default="resnet18")
+    parser.add_argument("--size", type=int, default=128, help="model input (stored) size")
+    parser.add_argument("--repeats", type=int, default=None, help="default 3 (2 with --quick)")
+    more(parser)
+    args = parser.parse_args()
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    return args

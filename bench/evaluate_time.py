@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _report import load_note, machine_note, median, spread, table, timed, timed_cpu
+from _report import load_note, machine_note, median, model_args, spread, table, timed, timed_cpu
 from _synth import make_phantom, write_case_store
 
 from covidseg.config import Params, RuntimeParams
@@ -115,16 +115,13 @@ def run(args: argparse.Namespace, root: Path) -> tuple[dict, dict, dict, str]:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="64 slices, 2 repeats")
-    parser.add_argument("--size", type=int, default=128, help="stored in-plane size")
-    parser.add_argument("--arch", default="Unet")
-    parser.add_argument("--encoder", default="resnet18")
-    parser.add_argument("--slices", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=None)
-    args = parser.parse_args()
+    def slices(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--slices", type=int, default=None, help="default 300 (64 with --quick)"
+        )
+
+    args = model_args(__doc__.splitlines()[0], "64 slices, 2 repeats", slices)
     args.slices = args.slices or (64 if args.quick else 300)
-    args.repeats = args.repeats or (2 if args.quick else 3)
     return args
 
 

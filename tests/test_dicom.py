@@ -32,20 +32,18 @@ from dicom_series import (
     save,
     write_series,
 )
-from phantoms import LESION_HU, LUNG_HU, PhantomCase, load_nifti, make_case
+from oracles import LungOracle, oracle
+from phantoms import PhantomCase, load_nifti, make_case
 
 from covidseg import CovidSegError, __version__
 from covidseg.cli import main
 from covidseg.data.dicom import Series, read_series, series_inputs
 from covidseg.data.labels import LUNG_INFECTION, SCHEMES, SEGMENT_CODES
-from covidseg.inference.predict import Predictor, predict_many
+from covidseg.inference.predict import predict_many
 from covidseg.training.model import build_model
 from covidseg.training.modelio import ModelSpec, save_model
 
 WINDOW = (-1250.0, 250.0)
-LESION = (LESION_HU - WINDOW[0]) / (WINDOW[1] - WINDOW[0])
-LUNG = (LUNG_HU - WINDOW[0]) / (WINDOW[1] - WINDOW[0])
-BAND = 0.08
 DCM2NIIX = Path(sys.executable).with_name("dcm2niix")
 SEVERITY_KEYS = (
     "lesion_volume_ml",
@@ -76,21 +74,6 @@ COMPRESSED = {
     "jpeg_ls_lossless": "1.2.840.10008.1.2.4.80",
     "jpeg_2000_lossless": "1.2.840.10008.1.2.4.90",
 }
-
-
-class LungOracle(torch.nn.Module):
-    """Four logit maps: background, left lung (patient's left = high columns), right, infection."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lung = (x - LUNG).abs() < BAND
-        left_half = torch.arange(x.shape[-1]) >= x.shape[-1] // 2
-        maps = (lung & left_half, lung & ~left_half, (x - LESION).abs() < BAND)
-        return torch.cat([torch.full_like(x, 0.5), *(20.0 * m.float() for m in maps)], dim=1)
-
-
-def oracle() -> Predictor:
-    spec = ModelSpec("oracle", "intensity", 4, "lung_infection", 64, WINDOW)
-    return Predictor(model=LungOracle(), spec=spec, source="oracle", device=torch.device("cpu"))
 
 
 def canonical(image: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
@@ -185,7 +168,8 @@ def nifti_run(phantom: PhantomCase, tmp_path_factory: pytest.TempPathFactory) ->
     scan = folder / "phantom.nii.gz"
     nib.save(nib.Nifti1Image(np.asarray(phantom.hu), phantom.affine), scan)
     reports: list[Any] = []
-    assert predict_many(oracle(), [scan], folder / "out", on_result=reports.append) == 0
+    predictor = oracle(LungOracle(), 4, 64)
+    assert predict_many(predictor, [scan], folder / "out", on_result=reports.append) == 0
     return {"report": reports[0], "labels": load_nifti(folder / "out" / "phantom_seg.nii.gz")}
 
 
@@ -200,7 +184,8 @@ def dicom_run(
     uid, datasets = write_layout(folder / "series", phantom, request.param)
     reports: list[Any] = []
     out = folder / "out"
-    assert predict_many(oracle(), [folder / "series"], out, on_result=reports.append) == 0
+    predictor = oracle(LungOracle(), 4, 64)
+    assert predict_many(predictor, [folder / "series"], out, on_result=reports.append) == 0
     return Run(folder / "series", uid, datasets, out, reports[0])
 
 

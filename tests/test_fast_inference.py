@@ -14,19 +14,15 @@ import numpy as np
 import pytest
 import torch
 from tiny import AIR, WINDOW
+from two_paths import evaluate_and_predict
 
 import covidseg.precision as precision
-from covidseg.data.store import read_arrays, read_meta
 from covidseg.data.transforms import to_labels
-from covidseg.data.volumes import find_cases, read_nifti
-from covidseg.evaluation.evaluate import predict_stored
 from covidseg.inference.crop import STRIDE, body_boxes, body_level, crop_boxes
 from covidseg.inference.paths import predict_scan
-from covidseg.inference.predict import Predictor, segment_scan
 from covidseg.inference.segment import InferenceOptions, predict_volume
 from covidseg.precision import cpu_bf16_pays, probabilities, uses_bf16
 from covidseg.training.model import build_model
-from covidseg.training.modelio import load_model
 
 CPU = torch.device("cpu")
 
@@ -178,15 +174,10 @@ def test_crop_gives_the_whole_slice_answer_inside_and_background_outside(classes
 
 
 def test_evaluate_and_predict_agree_on_the_fast_path(raw_dir: Path, stores, model_dir) -> None:
-    model, spec = load_model(model_dir, CPU)
     options = InferenceOptions(batch_size=4, precision="bf16", crop=True)
-    predictor = Predictor(model=model, spec=spec, source="m", device=CPU, options=options)
-    for files in find_cases(raw_dir):
-        store = stores[0] / f"{files.name}.h5"
-        image, meta = read_arrays(store, ("image",))["image"], read_meta(store)
-        evaluated = predict_stored(model, image, meta, spec=spec, options=options, device=CPU)
-        data, affine = read_nifti(files.image, files.name)
-        predicted, _, _ = segment_scan(predictor, data, affine, files.name)
+    pairs = evaluate_and_predict(raw_dir, stores[0], model_dir, options)
+    assert pairs  # not vacuous: raw_dir holds cases
+    for evaluated, predicted, _ in pairs:
         assert np.array_equal(evaluated.labels, predicted.labels)
 
 

@@ -26,6 +26,7 @@ import pytest
 import torch
 from mirror_server import Fault, Mirror, MirrorServer
 from phantoms import IMAGES, LUNG, PhantomCase
+from stage_paths import train_paths
 from tiny import TINY, merge
 
 from covidseg import CovidSegError, stage
@@ -37,22 +38,11 @@ from covidseg.data.prepare import prepare_dataset
 from covidseg.data.volumes import grid_spacing
 from covidseg.training.model import build_model
 from covidseg.training.modelio import ModelSpec, load_model, save_model
-from covidseg.training.train import TrainPaths, train
+from covidseg.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 SPEC = ModelSpec("Unet", "mobilenet_v2", 1, "infection", 64, (-1250.0, 250.0))
-
-
-def train_paths(tmp_path: Path, prepared: tuple[Path, Path]) -> TrainPaths:
-    return TrainPaths(
-        data_dir=prepared[0],
-        splits=prepared[1],
-        model_dir=tmp_path / "model",
-        checkpoint_dir=tmp_path / "ckpt",
-        metrics=tmp_path / "train.json",
-        log=tmp_path / "log.csv",
-    )
 
 
 @pytest.fixture
@@ -346,37 +336,25 @@ def test_predict_refuses_to_overwrite_an_output_it_did_not_write(
     assert everything_in(out) == {theirs.name: b'{"note": "a reference mask, not ours"}'}
 
 
-def test_predict_out_of_space_between_files_leaves_no_set_or_the_previous_one(
-    model_folder: Path,
-    phantom_cases: list[PhantomCase],
-    tmp_path: Path,
-    capsys,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import covidseg.inference.predict as predict_module
-
-    scan = write_scan(tmp_path / "scan.nii.gz", phantom_cases[0])
-    out = tmp_path / "out"
-    real_page = predict_module.report_page
-
-    def disk_full(*args: object, **kwargs: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(predict_module, "report_page", disk_full)  # the 2nd of 3 files
-    assert main(["predict", str(scan), *predict_args(model_folder, out)]) == 1
-    line = the_error(capsys.readouterr().err)
-    assert line == f"error: {scan}: OSError: [Errno 28] No space left on device"
-    assert everything_in(out) == {}  # neither the labels nor the report, no temporaries
-    monkeypatch.setattr(predict_module, "report_page", real_page)
-    assert main(["predict", str(scan), *predict_args(model_folder, out)]) == 0
-    complete = everything_in(out)
-    assert sorted(complete) == ["scan_report.json", "scan_report.png", "scan_seg.nii.gz"]
-    monkeypatch.setattr(predict_module, "report_page", disk_full)
-    assert main(["predict", str(scan), *predict_args(model_folder, out)]) == 1
-    assert everything_in(out) == complete  # the earlier set, whole
+# a fault between a scan's output files: (exit status, error line, outputs renamed into place
+# before it); the labels, page and report are written as temporaries, then renamed in that order
+OUTPUT_FAULTS = {
+    "disk-full-writing-the-page": (
+        1,
+        "error: {scan}: OSError: [Errno 28] No space left on device",
+        [],
+    ),
+    "ctrl-c-renaming-the-report": (
+        130,
+        "error: interrupted",
+        ["scan_seg.nii.gz", "scan_report.png"],
+    ),
+}
 
 
-def test_predict_interrupted_while_renaming_its_outputs_keeps_the_previous_set(
+@pytest.mark.parametrize("fault", OUTPUT_FAULTS)
+def test_predict_fault_between_output_files_leaves_no_set_or_the_previous_one(
+    fault: str,
     model_folder: Path,
     phantom_cases: list[PhantomCase],
     tmp_path: Path,
@@ -384,26 +362,48 @@ def test_predict_interrupted_while_renaming_its_outputs_keeps_the_previous_set(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import covidseg.atomic as atomic_module
+    import covidseg.inference.predict as predict_module
 
+    status, error, placed_first = OUTPUT_FAULTS[fault]
     scan = write_scan(tmp_path / "scan.nii.gz", phantom_cases[0])
     out = tmp_path / "out"
+    real_replace = os.replace
+    renamed: list[str] = []  # the outputs os.replace put in place, in order
+    before_fault: list[list[str]] = []  # what was renamed when the fault fell
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        before_fault.append(list(renamed))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def recorded_replace(src: str | Path, dst: str | Path) -> None:
+        name = Path(dst).name
+        if fault.startswith("ctrl-c") and name == "scan_report.json" and name not in renamed:
+            before_fault.append(list(renamed))
+            renamed.append(name)
+            raise KeyboardInterrupt  # the labels and the page are in place already
+        if not name.startswith("."):  # not a temporary
+            renamed.append(name)
+        real_replace(src, dst)
+
+    def faulty_predict() -> None:
+        renamed.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(atomic_module.os, "replace", recorded_replace)
+            if fault.startswith("disk-full"):
+                patch.setattr(predict_module, "report_page", disk_full)  # the 2nd of 3 files
+            assert main(["predict", str(scan), *predict_args(model_folder, out)]) == status
+        assert the_error(capsys.readouterr().err) == error.format(scan=scan)
+        assert before_fault == [placed_first]  # the fault fell where it was meant to
+        before_fault.clear()
+
+    faulty_predict()
+    assert everything_in(out) == {}  # neither the labels nor the report, no temporaries
     assert main(["predict", str(scan), *predict_args(model_folder, out)]) == 0
+    assert sorted(everything_in(out)) == ["scan_report.json", "scan_report.png", "scan_seg.nii.gz"]
     for name in ("scan_seg.nii.gz", "scan_report.png"):  # told apart from the rerun's
         (out / name).write_bytes(b"the earlier run's " + name.encode())
     complete = everything_in(out)
-    real_replace, calls = os.replace, []
-
-    def ctrl_c_before_the_report(src: str | Path, dst: str | Path) -> None:
-        calls.append(Path(dst).name)
-        if Path(dst).name == "scan_report.json" and calls.count("scan_report.json") == 1:
-            raise KeyboardInterrupt  # the labels and the page are in place already
-        real_replace(src, dst)
-
-    monkeypatch.setattr(atomic_module.os, "replace", ctrl_c_before_the_report)
-    assert main(["predict", str(scan), *predict_args(model_folder, out)]) == 130
-    assert [the_error(capsys.readouterr().err)] == ["error: interrupted"]
-    renamed = [name for name in calls if not name.startswith(".")]  # not temporaries
-    assert renamed[:3] == ["scan_seg.nii.gz", "scan_report.png", "scan_report.json"]
+    faulty_predict()
     assert everything_in(out) == complete  # the earlier set, whole, and nothing else
 
 

@@ -23,27 +23,17 @@ import pytest
 import torch
 import yaml
 from mirror_server import MirrorServer
+from stage_paths import train_paths
 from tiny import TINY, merge
 
 from covidseg import CovidSegError
 from covidseg.atomic import atomic_dir, write_json_atomic
 from covidseg.config import DownloadParams, Params, parse_params
-from covidseg.training.train import TrainPaths, train
+from covidseg.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_EPOCH = merge(TINY, {"train": {"epochs": 1}})
 DISK_FULL = f"not written ({os.strerror(errno.ENOSPC)}); free some space and run again"
-
-
-def train_paths(tmp_path: Path, prepared: tuple[Path, Path]) -> TrainPaths:
-    return TrainPaths(
-        data_dir=prepared[0],
-        splits=prepared[1],
-        model_dir=tmp_path / "model",
-        checkpoint_dir=tmp_path / "ckpt",
-        metrics=tmp_path / "train.json",
-        log=tmp_path / "log.csv",
-    )
 
 
 def statuses(db: Path) -> list[tuple[str, str]]:

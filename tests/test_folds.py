@@ -117,6 +117,32 @@ def test_the_report_sets_each_fold_beside_the_published_numbers(tmp_path: Path) 
     assert "No published numbers for this split" in benchmark_report(summary, kfold, multi=False)
 
 
+@pytest.mark.parametrize(
+    ("split", "per_fold", "note"),
+    [
+        ({"scheme": "kfold", "n_folds": 5}, [3, 1], "1 to 3 test cases per fold make"),
+        ({"scheme": "benchmark", "protocol": "4_16"}, [16, 16], "16 test cases per fold make"),
+        ({"scheme": "kfold", "n_folds": 20}, [1, 1], "1 test case per fold makes"),
+        (
+            {"scheme": "benchmark", "protocol": "16_4"},
+            [4, 4],
+            "4 test cases per fold make single-fold numbers noisy (published fold 4: 0.66 ± 0.42",
+        ),
+    ],
+)
+def test_the_report_notes_the_runs_own_test_cases_per_fold(
+    tmp_path: Path, split: dict[str, object], per_fold: list[int], note: str
+) -> None:
+    for fold, count in enumerate(per_fold):
+        write_fold(tmp_path, fold, [(f"case_{fold}_{i}", 0.5, 0.5) for i in range(count)])
+    rows = [row for fold in range(len(per_fold)) for row in read_fold_rows(tmp_path, fold)]
+    params = parse_params({"split": {**split, "folds": list(range(len(per_fold)))}})
+    report = benchmark_report(summary_of(rows, [0, 1]), params, multi=False)
+    (line,) = [line for line in report.splitlines() if "per fold" in line]
+    assert line.startswith(f"- {note}") and line.endswith(": compare experiments on Avg."), line
+    assert ("published fold 4" in line) == (split.get("protocol") == "16_4")
+
+
 def test_a_missing_fold_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(CovidSegError, match="run evaluate for fold 3"):
         read_fold_rows(tmp_path, 3)

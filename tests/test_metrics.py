@@ -6,13 +6,19 @@ import json
 import math
 import warnings
 from collections.abc import Mapping
+from typing import cast, get_args
 
 import numpy as np
 import pytest
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from scipy import ndimage
+from tiny import TINY
 
+from covidseg.config import LOWER_IS_BETTER, PromoteMetric, parse_params
+from covidseg.data.labels import INFECTION, LEFT_LUNG, LUNG_INFECTION, RIGHT_LUNG
+from covidseg.evaluation.aggregate import LUNG_KEYS, ScoredCase, summary_of
+from covidseg.evaluation.evaluate import score_case
 from covidseg.evaluation.metrics import METRIC_KEYS, case_metrics, crop_to_union, summarise
 
 ISO = (1.0, 1.0, 1.0)
@@ -151,3 +157,24 @@ def test_summarise_ignores_nan_and_reports_std_and_counts() -> None:
     assert (s["hd95"], s["hd95_std"], s["hd95_n"]) == pytest.approx((3.0, 1.0, 2))
     assert (s["nsd"], s["nsd_std"], s["nsd_n"]) == (None, None, 0)
     json.dumps(s, allow_nan=False)
+
+
+def test_every_promote_metric_is_a_mean_that_aggregate_reports() -> None:
+    """`config.PromoteMetric` restates metric names (config may not import evaluation): each
+    one is a mean of the summary `aggregate` makes from a lung + infection model's rows, and
+    every per-case metric but the volumes, and every lung metric of the report, is one."""
+    labels = np.zeros((12, 24, 24), np.uint8)
+    labels[2:10, 4:20, 2:12] = RIGHT_LUNG
+    labels[2:10, 4:20, 12:22] = LEFT_LUNG
+    labels[4:8, 8:14, 14:20] = LUNG_INFECTION.infection
+    params = parse_params(TINY)
+    promote = set(get_args(PromoteMetric))
+    for scheme in (INFECTION, LUNG_INFECTION):
+        ref = (labels if scheme.multi else labels == scheme.infection).astype(np.uint8)
+        row = score_case(ref, ref, ISO, scheme, params=params)
+        scored = ScoredCase("case_0", 0, dict(cast(Mapping[str, float], row)))
+        summary = summary_of([scored], [0]).overall
+        means = {key for key, value in summary.items() if isinstance(value, float)}
+        assert (promote if scheme.multi else promote - set(LUNG_KEYS)) <= means, scheme.target
+    assert promote == (set(METRIC_KEYS) - {"ref_volume_ml", "pred_volume_ml"}) | set(LUNG_KEYS)
+    assert promote >= LOWER_IS_BETTER

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from phantoms import AIR_HU, BODY_HU, LESION_HU, LUNG_HU, PhantomCase, hu_to_uint8, load_nifti
+from oracles import LesionOracle, LungOracle, oracle
+from phantoms import AIR_HU, BODY_HU, PhantomCase, hu_to_uint8, load_nifti
 from PIL import Image
 
 import covidseg.precision as precision_module
@@ -38,9 +39,6 @@ from covidseg.training.model import build_model
 from covidseg.training.modelio import ModelSpec, save_model
 
 WINDOW = (-1250.0, 250.0)
-LESION = (LESION_HU - WINDOW[0]) / (WINDOW[1] - WINDOW[0])  # ~0.567
-LUNG = (LUNG_HU - WINDOW[0]) / (WINDOW[1] - WINDOW[0])  # ~0.287
-BAND = 0.08  # ten noise sigmas, far from every other tissue
 CLI = Path(sys.executable).with_name("covidseg")
 MLFLOW_ENV = (
     "MLFLOW_TRACKING_URI",
@@ -51,30 +49,6 @@ MLFLOW_ENV = (
 )
 UNET_SPEC = ModelSpec("Unet", "mobilenet_v2", 1, "infection", 64, WINDOW)
 SNAKE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
-
-
-class LesionOracle(torch.nn.Module):
-    """One logit map: high where the intensity is the lesion's."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.where((x - LESION).abs() < BAND, 10.0, -10.0)
-
-
-class LungOracle(torch.nn.Module):
-    """Four logit maps: background, left lung (patient's left = high columns), right, infection."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lung = (x - LUNG).abs() < BAND
-        left_half = torch.arange(x.shape[-1]) >= x.shape[-1] // 2
-        maps = (lung & left_half, lung & ~left_half, (x - LESION).abs() < BAND)
-        return torch.cat([torch.full_like(x, 0.5), *(20.0 * m.float() for m in maps)], dim=1)
-
-
-def oracle(model: torch.nn.Module, classes: int, image_size: int) -> Predictor:
-    """A Predictor around an oracle, fed like a trained model of that size."""
-    target = "infection" if classes == 1 else "lung_infection"
-    spec = ModelSpec("oracle", "intensity", classes, target, image_size, WINDOW)
-    return Predictor(model=model, spec=spec, source="oracle", device=torch.device("cpu"))
 
 
 def write_scan(path: Path, array: np.ndarray, affine: np.ndarray, codes: tuple[int, int]) -> Path:

@@ -57,8 +57,6 @@ CAVEATS = (
     "`split.val_fraction: 0`, so that each fold trains on exactly the authors' training cases.",
     "NSD here counts boundary voxels (MONAI's default); the benchmark's code weights surface "
     "elements by area, so NSD can differ slightly.",
-    "Four test cases per fold (16 / 4) make single-fold numbers noisy (published fold 4: "
-    "0.66 ± 0.42 from one near-failed case): compare experiments on Avg.",
 )
 
 
@@ -207,6 +205,18 @@ def benchmark_table(summary: CrossValidation, params: Params, multi: bool) -> st
     return "\n".join(lines)
 
 
+def fold_size_note(summary: CrossValidation, params: Params) -> str:
+    """The caveat on single-fold numbers, with this run's test cases per fold."""
+    counts = sorted({int(fold["n_cases"] or 0) for fold in summary.folds.values()})
+    sizes = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+    one = counts == [1]
+    note = f"{sizes} test {'case' if one else 'cases'} per fold {'makes' if one else 'make'}"
+    note += " single-fold numbers noisy"
+    if params.split.scheme == "benchmark" and params.split.protocol == "16_4":
+        note += " (published fold 4: 0.66 ± 0.42 from one near-failed case)"
+    return note + ": compare experiments on Avg."
+
+
 def benchmark_report(summary: CrossValidation, params: Params, multi: bool) -> str:
     """`reports/benchmark/benchmark.md`: the table, the setting and the caveats."""
     sp = params.split
@@ -219,7 +229,7 @@ def benchmark_report(summary: CrossValidation, params: Params, multi: bool) -> s
         f"Split: {protocol}; folds {list(sp.folds)}; {n_cases} test cases in all "
         f"(validation share {sp.val_fraction}).\n\n"
     )
-    notes = "\n".join(f"- {c}" for c in CAVEATS)
+    notes = "\n".join(f"- {c}" for c in (*CAVEATS, fold_size_note(summary, params)))
     if published(params) is None:
         notes += "\n- No published numbers for this split: only `split.scheme: benchmark` has them."
     return intro + benchmark_table(summary, params, multi) + "\n\nNotes:\n" + notes + "\n"

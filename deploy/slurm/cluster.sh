@@ -19,108 +19,22 @@
 set -euo pipefail
 
 PROG=deploy/slurm/cluster.sh
-die() { echo "$PROG: error: $*" >&2; exit 1; }
-say() { echo "$PROG: $*" >&2; }
-
-usage() { die "usage: $PROG start|stop|status DIR"; }
-[[ $# -eq 2 ]] || usage
-ACTION=$1
-[[ $ACTION == start || $ACTION == stop || $ACTION == status ]] || usage
-DIR=$2
+# shellcheck source=deploy/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+parse_args "$@"
 umask 077
 PATH=$PATH:/usr/sbin:/sbin  # Debian puts the daemons there, outside a user's PATH
 
 DAEMONS=(munged slurmctld slurmd)  # started in this order, stopped in the reverse one
 
-# --- processes: the pids this script started, with their start times -----------------------
+# --- processes: launch and stop_launched (deploy/lib.sh), pid files in DIR/run ------------
 
-start_time() {  # field 22 of /proc/PID/stat (after the command name, which may hold spaces)
-  local stat
-  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-  stat=${stat##*) }
-  set -- $stat
-  echo "${20}"
-}
-
-alive() {  # alive NAME: the process recorded in run/NAME.pid still runs (same start time)
-  local file="$DIR/run/$1.pid" pid started now
-  [[ -f $file ]] || return 1
-  read -r pid started <"$file" || return 1
-  now=$(start_time "$pid") || return 1
-  [[ $now == "$started" ]]
-}
-
-launch() {  # launch NAME CMD...: in the foreground of its own session (pid = process group)
-  local name=$1 pid
+launch_daemon() {  # launch_daemon NAME CMD...: a foreground daemon; its output in logs/NAME.out
+  local name=$1
   shift
   # in DIR: the daemons (and the slurmstepd of each job, which keeps slurmd's folder) hold no
   # other folder open, and a left-over step is recognised by it
-  (cd "$DIR" && exec setsid "$@" >>"$DIR/logs/$name.out" 2>&1 </dev/null) &
-  pid=$!
-  printf '%s %s\n' "$pid" "$(start_time "$pid")" >"$DIR/run/$name.pid.tmp"
-  mv "$DIR/run/$name.pid.tmp" "$DIR/run/$name.pid"
-}
-
-session_members() {  # session_members SID: pids of live processes in that session
-  local stat pid rest
-  for stat in /proc/[0-9]*/stat; do
-    rest=$(cat "$stat" 2>/dev/null) || continue
-    pid=${rest%% *}
-    rest=${rest##*) }
-    set -- $rest
-    if [[ $1 != Z && $4 == "$SESSION" ]]; then echo "$pid"; fi
-  done
-}
-
-members() {  # members SID: live (non-zombie) processes whose session is SID
-  SESSION=$1 session_members
-}
-
-stop_daemon() {  # stop_daemon NAME: SIGTERM its session, bounded wait, then SIGKILL
-  local name=$1 file="$DIR/run/$1.pid" pid started i left
-  if ! alive "$name"; then
-    rm -f "$file"
-    return 0
-  fi
-  read -r pid started <"$file"
-  say "stopping $name (session $pid)"
-  kill -TERM -- "-$pid" 2>/dev/null || true
-  for ((i = 0; i < 100; i++)); do
-    left=$(members "$pid")
-    [[ -n $left ]] || break
-    sleep 0.1
-  done
-  left=$(members "$pid")
-  if [[ -n $left ]]; then
-    # shellcheck disable=SC2086
-    kill -KILL $left 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do
-      [[ -n $(members "$pid") ]] || break
-      sleep 0.1
-    done
-  fi
-  rm -f "$file"
-}
-
-free_port() {
-  local python
-  python=$(command -v python3 || command -v python) || die "python3 not found"
-  "$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-wait_until() {  # wait_until SECONDS WHAT NAME CMD...: poll CMD; on timeout, error with log tail
-  local seconds=$1 what=$2 name=$3 i
-  shift 3
-  for ((i = 0; i < seconds * 5; i++)); do
-    if "$@" >/dev/null 2>&1; then return 0; fi
-    if ! alive "$name"; then
-      tail -n 20 "$DIR/logs/$name.log" "$DIR/logs/$name.out" >&2 2>/dev/null || true
-      die "$what exited while starting (log: $DIR/logs/$name.log)"
-    fi
-    sleep 0.2
-  done
-  tail -n 20 "$DIR/logs/$name.log" >&2 2>/dev/null || true
-  die "$what did not answer within $seconds s (log: $DIR/logs/$name.log)"
+  (cd "$DIR" && launch "$name" "$DIR/logs/$name.out" "$@")
 }
 
 # --- state: ports and the configuration, made once -----------------------------------------
@@ -207,27 +121,24 @@ node_ready() {
 
 start_daemon() {  # start_daemon NAME: 0 if started, 1 if it was running
   local name=$1
-  if alive "$name"; then
-    say "$name already running"
-    return 1
-  fi
-  command -v "$name" >/dev/null 2>&1 || die "$name not found (apt-get install slurm-wlm munge)"
+  if already_running "$name" "$name"; then return 1; fi
+  need "$name" "apt-get install slurm-wlm munge"
   case $name in
     munged)
       say "starting munged (socket $DIR/munge/munge.socket)"
-      launch munged munged --foreground --key-file="$DIR/secrets/munge.key" \
+      launch_daemon munged munged --foreground --key-file="$DIR/secrets/munge.key" \
         --socket="$DIR/munge/munge.socket" --pid-file="$DIR/run/munged.daemon.pid" \
         --log-file="$DIR/logs/munged.log" --seed-file="$DIR/secrets/munged.seed"
       wait_until 30 munged munged munge_ready
       ;;
     slurmctld)
       say "starting slurmctld on 127.0.0.1:$CTLD_PORT"
-      launch slurmctld slurmctld -D -f "$DIR/slurm.conf"
+      launch_daemon slurmctld slurmctld -D -f "$DIR/slurm.conf"
       wait_until 60 slurmctld slurmctld ctld_ready
       ;;
     slurmd)
       say "starting slurmd (node $NODE, $CPUS CPUs, port $SLURMD_PORT)"
-      launch slurmd slurmd -D -f "$DIR/slurm.conf" -N "$NODE"
+      launch_daemon slurmd slurmd -D -f "$DIR/slurm.conf" -N "$NODE"
       wait_until 60 "slurmd (node $NODE)" slurmd node_ready
       ;;
   esac
@@ -240,7 +151,7 @@ cancel_jobs() {  # cancel every job of this cluster and wait (bounded) until non
   export SLURM_CONF=$DIR/slurm.conf
   jobs=$(squeue -h -o '%A' 2>/dev/null | sort -u) || return 0
   [[ -n $jobs ]] || return 0
-  say "cancelling jobs: $(echo $jobs)"
+  say "cancelling jobs: ${jobs//$'\n'/ }"
   # shellcheck disable=SC2086
   scancel $jobs 2>/dev/null || true
   for ((i = 0; i < 300; i++)); do
@@ -273,7 +184,7 @@ case $ACTION in
     DIR=$(cd "$DIR" && pwd)
     make_state
     started=()
-    trap 'if [[ $? -ne 0 ]]; then for ((j = ${#started[@]} - 1; j >= 0; j--)); do stop_daemon "${started[j]}"; done; fi' EXIT
+    trap 'if [[ $? -ne 0 ]]; then for ((j = ${#started[@]} - 1; j >= 0; j--)); do stop_launched "${started[j]}"; done; fi' EXIT
     for name in "${DAEMONS[@]}"; do
       if start_daemon "$name"; then started+=("$name"); fi
     done
@@ -286,22 +197,16 @@ case $ACTION in
     print_settings
     ;;
   stop)
-    [[ -d $DIR ]] || die "no cluster in $DIR"
-    DIR=$(cd "$DIR" && pwd)
+    existing_dir cluster
     cancel_jobs
-    stop_daemon slurmd
+    stop_launched slurmd
     stop_steps
-    stop_daemon slurmctld
-    stop_daemon munged
+    stop_launched slurmctld
+    stop_launched munged
     say "stopped"
     ;;
   status)
-    [[ -d $DIR ]] || die "no cluster in $DIR"
-    DIR=$(cd "$DIR" && pwd)
-    down=0
-    for name in "${DAEMONS[@]}"; do
-      if alive "$name"; then say "$name: running"; else say "$name: stopped"; down=1; fi
-    done
-    exit "$down"
+    existing_dir cluster
+    say_status "${DAEMONS[@]}" || exit 1
     ;;
 esac

@@ -48,7 +48,7 @@ case $ROLE in
     FOLD=$SLURM_ARRAY_TASK_ID
     TAG=fold-$FOLD
     ;;
-  head) TAG=head ;;
+  head) TAG="head" ;;
   *) die "unknown role $ROLE" ;;
 esac
 WORK=$SCRATCH/covidseg-slurm/$NAME/$TAG-${SLURM_JOB_ID:-$$}
