@@ -10,8 +10,8 @@ the decoded CT voxels (int16). The stores of every worker count are compared byt
 Each worker count runs twice: the first run of 2 workers includes starting the pool (a fork
 server that imports the stage's modules, torch among them, once); cases/s and MB/s are the
 second run's. Memory: one case of `--memory-slices` slices x 512 x 512 through what a worker
-runs for it (`prepare_case` + `write_store`) in a fresh process: its peak RSS (VmHWM) and its
-RSS after the imports alone.
+runs for it (`prepare_case` + `write_store`; with `--lungs` at `prepare.target: lung_infection`)
+in a fresh process: its peak RSS (VmHWM), its RSS after the imports alone (MiB) and its time.
 
 --quick: 4 cases of 24 slices, memory on a 24-slice case.
 
@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,7 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 def _status_mb(key: str) -> float | None:
-    """A `/proc/self/status` memory line in MB (Linux), else None."""
+    """A `/proc/self/status` memory line in MiB (Linux), else None."""
     status = Path("/proc/self/status")
     if status.exists():
         for line in status.read_text().splitlines():
@@ -115,7 +116,7 @@ def _status_mb(key: str) -> float | None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process, MB: VmHWM on Linux (ru_maxrss there keeps the
+    """Peak resident memory of this process, MiB: VmHWM on Linux (ru_maxrss there keeps the
     forking parent's peak across exec), else ru_maxrss (bytes on macOS)."""
     peak = _status_mb("VmHWM")
     if peak is not None:
@@ -124,22 +125,26 @@ def peak_rss_mb() -> float:
 
 
 def rss_mb() -> float:
-    """Resident memory of this process now, MB (Linux; elsewhere the peak so far)."""
+    """Resident memory of this process now, MiB (Linux; elsewhere the peak so far)."""
     now = _status_mb("VmRSS")
     return now if now is not None else peak_rss_mb()
 
 
-def child_memory(raw: str, out: str) -> None:
-    """In a fresh process: one case through `prepare_case` + `write_store`; print the RSS."""
+def child_memory(raw: str, out: str, labels: str) -> None:
+    """In a fresh process: one case through `prepare_case` + `write_store`; print the RSS and
+    the case's wall and CPU seconds."""
     from covidseg.data.prepare import prepare_case
     from covidseg.data.store import write_store
     from covidseg.data.volumes import find_cases
 
     files = find_cases(Path(raw))[0]
     imported = rss_mb()
-    arrays, meta = prepare_case(files, PrepareParams(), encoding="hu")
+    wall, cpu = time.perf_counter(), time.process_time()
+    params = PrepareParams(target="lung_infection") if labels == "lungs" else PrepareParams()
+    arrays, meta = prepare_case(files, params, encoding="hu")
     write_store(Path(out) / "case.h5", arrays, meta)
-    print(json.dumps({"imported": imported, "peak": peak_rss_mb()}))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    print(json.dumps({"imported": imported, "peak": peak_rss_mb(), "wall": wall, "cpu": cpu}))
 
 
 def memory(root: Path, *, slices: int, lungs: bool) -> dict[str, float]:
@@ -148,7 +153,8 @@ def memory(root: Path, *, slices: int, lungs: bool) -> dict[str, float]:
     raw = root / "memory" / "raw"
     with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
         ingest_folder(DatasetParams(source="folder", folder=str(folder)), raw)
-    command = [sys.executable, __file__, "--child-memory", str(raw), str(root / "memory")]
+    labels = "lungs" if lungs else "lesion"
+    command = [sys.executable, __file__, "--child-memory", str(raw), str(root / "memory"), labels]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
@@ -161,7 +167,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=120)
     parser.add_argument("--memory-slices", type=int, default=600)
     parser.add_argument("--lungs", action="store_true", help="lung labels too (whole_lungs runs)")
-    parser.add_argument("--child-memory", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child-memory", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_memory:
         child_memory(*args.child_memory)
@@ -190,8 +196,9 @@ def main() -> None:
         print(f"stores identical across worker counts: {all(s == stores[0] for s in stores)}")
         peak = memory(root, slices=memory_slices, lungs=args.lungs)
         print(
-            f"peak RSS per worker, one {memory_slices} x 512 x 512 case: {peak['peak']:.0f} MB "
-            f"({peak['imported']:.0f} MB after imports alone)"
+            f"peak RSS per worker, one {memory_slices} x 512 x 512 case: {peak['peak']:.0f} MiB "
+            f"({peak['imported']:.0f} MiB after imports alone); the case took "
+            f"{peak['wall']:.1f} s ({peak['cpu']:.1f} s CPU)"
         )
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
+import nibabel as nib
 import numpy as np
 import pytest
 from phantoms import PhantomCase, canonical, nifti_gz_bytes
@@ -196,3 +199,92 @@ def test_a_3d_scan_saved_with_one_time_point_reads_as_3d(tmp_path, phantom_cases
     path.write_bytes(nifti_gz_bytes(np.stack([case.image] * 2, axis=-1), case.affine))
     with pytest.raises(CovidSegError, match="not a 3D volume"):
         read_nifti(path, "scan")
+
+
+def test_lungs_from_the_lung_and_infection_labels_alone(raw_dir, tmp_path, phantom_cases):
+    """Without Lung_Mask each infected voxel takes the side of its nearest lung voxel: the
+    phantoms' lesions lie inside one lung each, so the whole lungs come back as drawn."""
+    for archive in ("Lung_Mask", "Infection_Mask"):
+        shutil.rmtree(raw_dir / archive)
+    run_prepare(raw_dir, tmp_path, target="lung_infection")
+    for case in phantom_cases:
+        with h5py.File(tmp_path / "prepared" / f"{case.name}.h5") as f:
+            mask, lung = f["mask"][()], f["lung"][()]
+        expected = padded(canonical(case.lung_and_infection, case.affine), 64)
+        np.testing.assert_array_equal(mask, expected)
+        np.testing.assert_array_equal(lung, padded(canonical(case.lung, case.affine), 64))
+        assert (expected == 3).sum() == case.lesion_voxels > 0
+
+
+# what a prepare worker runs for one case, in a fresh process: its peak resident memory
+# (VmHWM) less what it held after the imports
+PREPARE_AND_MEASURE = """
+import sys
+from pathlib import Path
+from covidseg.config import PrepareParams
+from covidseg.data.prepare import prepare_case
+from covidseg.data.store import write_store
+from covidseg.data.volumes import find_cases
+
+def status(key):
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(key + ":"))
+
+files = find_cases(Path(sys.argv[1]))[0]
+imported = status("VmRSS")
+arrays, meta = prepare_case(files, PrepareParams(target=sys.argv[3]))
+write_store(Path(sys.argv[2]), arrays, meta)
+print(status("VmHWM") - imported)
+"""
+
+
+def chest(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(int16 HU, lung + infection labels) of a simple chest, (x, y, z) axes: two lung
+    ellipsoids in a body, and lesions in each lung."""
+    x, y, z = (np.linspace(-1, 1, n, dtype=np.float32) for n in shape)
+    x, y, z = x[:, None, None], y[None, :, None], z[None, None, :]
+    labels = np.zeros(shape, np.uint8)
+    for side, centre in ((1, 0.4), (2, -0.4)):
+        labels[((x - centre) / 0.3) ** 2 + (y / 0.5) ** 2 + (z / 1.1) ** 2 <= 1] = side
+        for dz in (-0.5, 0.0, 0.5):
+            lesion = ((x - centre) ** 2 + y**2 + (z - dz) ** 2 <= 0.15**2) & (labels == side)
+            labels[lesion] = 3
+    body = (x / 0.9) ** 2 + (y / 0.7) ** 2 <= 1
+    noise = np.random.default_rng(0).integers(-20, 20, shape, dtype=np.int16)
+    hu = np.where(body, np.int16(40), np.int16(-1000)) + noise
+    hu[labels > 0] = -850 + noise[labels > 0]
+    hu[labels == 3] += 400
+    return hu, labels
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("target", ["lung_infection", "infection"])
+def test_a_worker_needs_a_few_bytes_per_voxel_of_its_case(tmp_path, target):
+    """A 384 x 384 x 160 case with lung and infection labels (int16 CT: 2 bytes per voxel) at
+    512 px, float16: what is stored takes 4 bytes per voxel (image, mask, lungs). The raw CT
+    and one label volume may live beside them, not a float32 copy of the volume nor a
+    distance transform over the lungs (12 more bytes per voxel of their box)."""
+    shape = (384, 384, 160)
+    hu, labels = chest(shape)
+    affine = np.diag([0.8, 0.8, 1.5, 1.0])  # RAS on disk: reoriented (and copied) on reading
+    raw = tmp_path / "raw"
+    for archive, array in (("COVID-19-CT-Seg_20cases", hu), ("Lung_and_Infection_Mask", labels)):
+        folder = raw / archive
+        folder.mkdir(parents=True)
+        nifti = nib.Nifti1Image(array, affine)
+        nifti.set_qform(affine, code=1)
+        nib.save(nifti, folder / "case_001.nii")
+    done = subprocess.run(
+        [sys.executable, "-c", PREPARE_AND_MEASURE, str(raw), str(tmp_path / "c.h5"), target],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    voxels = hu.size * (512 / 384) ** 2  # at the stored size
+    with h5py.File(tmp_path / "c.h5") as f:
+        assert set(f) == {"image", "mask", "lung"} and f["image"].shape == (160, 512, 512)
+        assert (f["lung"][()] > 0).sum() > 0.05 * voxels
+    peak = int(done.stdout.split()[-1])
+    assert peak < 7 * voxels, f"{peak / voxels:.1f} bytes per stored voxel"

@@ -6,9 +6,16 @@ import math
 
 import numpy as np
 import pytest
+from scipy.ndimage import binary_erosion, generate_binary_structure
 
 from covidseg.data.labels import INFECTION as INFECTION_ONLY
-from covidseg.data.labels import LUNG_INFECTION, whole_lungs
+from covidseg.data.labels import (
+    LUNG_INFECTION,
+    SLAB_SLICES,
+    LungSurface,
+    lung_surface,
+    whole_lungs,
+)
 from covidseg.reporting.severity import extent_grade, severity
 
 LEFT, RIGHT, INFECTION = 1, 2, 3
@@ -77,6 +84,66 @@ def test_whole_lungs_without_lungs_drops_the_infection() -> None:
     labels = np.zeros((2, 3, 3), np.uint8)
     labels[1, 1, 1] = INFECTION
     assert not whole_lungs(labels).any()
+
+
+def test_whole_lungs_when_the_lungs_fill_everything_else() -> None:
+    """No voxel outside the lungs but the infected ones, and none at all: nothing to search."""
+    labels = np.full((2, 3, 3), LEFT, np.uint8)
+    labels[0, 0, 0] = INFECTION
+    lungs = whole_lungs(labels)
+    assert (lungs == LEFT).all()
+    np.testing.assert_array_equal(whole_lungs(np.full((2, 3, 3), RIGHT, np.uint8)), RIGHT)
+
+
+def brute_force_distances(lung: np.ndarray, points: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(points, lung voxels) distances in mm, every pair."""
+    return np.sqrt((((points[:, None, :] - lung[None, :, :]) * scale) ** 2).sum(axis=2))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_whole_lungs_agrees_with_a_brute_force_nearest_search(seed: int) -> None:
+    """Random labels over more slices than one slab, random anisotropic spacing: the voxel
+    found is at the least distance, and the side is that voxel's wherever it is unique."""
+    rng = np.random.default_rng(seed)
+    shape = (3 * SLAB_SLICES + 5, 9, 7)
+    labels = rng.choice(4, size=shape, p=(0.55, 0.1, 0.1, 0.25)).astype(np.uint8)
+    labels[: SLAB_SLICES + 2][np.isin(labels[: SLAB_SLICES + 2], (LEFT, RIGHT))] = 0  # far ones
+    a, b, c = (float(v) for v in rng.uniform(0.4, 5.0, 3))
+    spacing = (a, b, c)
+    scale = np.asarray(spacing)
+    lung, infected = np.argwhere(np.isin(labels, (LEFT, RIGHT))), np.argwhere(labels == INFECTION)
+    distances = brute_force_distances(lung, infected, scale)
+    least = distances.min(axis=1)
+
+    surface = LungSurface(np.where(labels == INFECTION, 0, labels), spacing)
+    found = surface.voxels[surface.nearest(infected)]
+    np.testing.assert_allclose(np.sqrt((((found - infected) * scale) ** 2).sum(1)), least)
+    assert np.isin(labels[tuple(found.T)], (LEFT, RIGHT)).all()
+
+    lungs = whole_lungs(labels, spacing)
+    ties = np.isclose(distances, least[:, None], rtol=1e-9, atol=0)
+    nearest_sides = [set(labels[tuple(lung[row].T)]) for row in ties]
+    unique = np.array([len(sides) == 1 for sides in nearest_sides])
+    expected = np.array([min(sides) for sides in nearest_sides])
+    got = lungs[tuple(infected.T)]
+    np.testing.assert_array_equal(got[unique], expected[unique])
+    assert all(side in sides for side, sides in zip(got, nearest_sides, strict=True))
+    assert unique.sum() > 0.9 * len(unique) and infected[:, 0].min() < SLAB_SLICES
+    others = labels != INFECTION
+    np.testing.assert_array_equal(
+        lungs[others], np.where(np.isin(labels, (1, 2)), labels, 0)[others]
+    )
+
+
+def test_lung_surface_is_the_lung_voxels_with_a_non_lung_neighbour() -> None:
+    """Against a whole-volume erosion (outside the volume counts as lung), across slabs."""
+    rng = np.random.default_rng(3)
+    lungs = (rng.random((2 * SLAB_SLICES + 3, 10, 11)) < 0.7).astype(np.uint8)
+    cross = generate_binary_structure(3, 1)
+    interior = binary_erosion(lungs > 0, structure=cross, border_value=1)
+    expected = np.argwhere((lungs > 0) & ~interior)
+    found = lung_surface(lungs)
+    np.testing.assert_array_equal(found[np.lexsort(found.T[::-1])], expected)
 
 
 def lung_volume() -> np.ndarray:

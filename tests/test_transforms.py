@@ -11,15 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from two_paths import evaluate_and_predict
 
-from covidseg.data.intensity import HU, UINT8, UINT8_WINDOW_HU, normalise
+from covidseg.data.intensity import HU, UINT8, UINT8_WINDOW_HU, normalise, normalised_min
 from covidseg.data.labels import INFECTION, LUNG_INFECTION
-from covidseg.data.resample import to_original_grid, to_square
-from covidseg.data.store import read_arrays, read_meta
-from covidseg.data.transforms import recipe_of, scan_input
-from covidseg.data.volumes import find_cases, read_nifti
-from covidseg.evaluation.evaluate import predict_stored
-from covidseg.inference.predict import Predictor, segment_scan
+from covidseg.data.resample import SLAB_SLICES, to_original_grid, to_square
+from covidseg.data.store import read_arrays
+from covidseg.data.transforms import Recipe, model_input, recipe_of, scan_input
+from covidseg.data.volumes import Volume, find_cases, read_nifti
 from covidseg.inference.segment import InferenceOptions, predict_volume
 from covidseg.training.modelio import load_model
 from covidseg.training.validation import dice, validate
@@ -38,15 +37,10 @@ def test_stored_slices_are_what_predict_feeds_the_model(raw_dir: Path, stores) -
 
 
 def test_evaluate_and_predict_give_identical_labels(raw_dir: Path, stores, model_dir) -> None:
-    model, spec = load_model(model_dir, CPU)
     options = InferenceOptions(batch_size=4, precision="fp32")
-    predictor = Predictor(model=model, spec=spec, source="m", device=CPU, options=options)
-    for files in find_cases(raw_dir):
-        store = stores[0] / f"{files.name}.h5"
-        image, meta = read_arrays(store, ("image",))["image"], read_meta(store)
-        evaluated = predict_stored(model, image, meta, spec=spec, options=options, device=CPU)
-        data, affine = read_nifti(files.image, files.name)
-        predicted, _, volume = segment_scan(predictor, data, affine, files.name)
+    pairs = evaluate_and_predict(raw_dir, stores[0], model_dir, options)
+    assert pairs  # not vacuous: raw_dir holds cases
+    for evaluated, predicted, volume in pairs:
         assert predicted.labels.shape == volume.data.shape
         assert np.array_equal(evaluated.labels, predicted.labels)
         assert np.array_equal(evaluated.stored, predicted.stored)
@@ -78,6 +72,50 @@ def test_images_keep_their_scale_through_the_round_trip() -> None:
     back = to_original_grid(square, 30, 48, labels=False)
     assert back.shape == ramp.shape
     assert np.abs(back - ramp)[:, 2:-2, 2:-2].max() < 0.02
+
+
+def at_once(stack: np.ndarray, size: int, labels: bool) -> np.ndarray:
+    """The whole stack padded (0, or its minimum) and resized in one call: no slabs."""
+    rows, cols = stack.shape[1:]
+    side = max(rows, cols)
+    top, left = (side - rows) // 2, (side - cols) // 2
+    square = np.full((len(stack), side, side), 0 if labels else stack.min(), stack.dtype)
+    square[:, top : top + rows, left : left + cols] = stack
+    tensor = torch.from_numpy(square)[:, None].float()
+    mode = {"mode": "nearest-exact"} if labels else {"mode": "bilinear", "antialias": True}
+    out = torch.nn.functional.interpolate(tensor, size=(size, size), **mode)[:, 0].numpy()
+    return out.astype(np.uint8) if labels else out
+
+
+@pytest.mark.parametrize(("encoding", "size"), [(HU, 64), (HU, 32), (UINT8, 48)])
+def test_model_input_in_slabs_is_the_whole_volume_at_once(encoding: str, size: int) -> None:
+    """Slab by slab, yet the same bytes: the padding is the whole volume's lowest value even
+    where it lies in the last slab only."""
+    rng = np.random.default_rng(size)
+    shape = (2 * SLAB_SLICES + 5, 37, 53)
+    if encoding == HU:
+        data = rng.integers(-900, 400, shape).astype(np.int16)
+        data[-1, 3, 4] = -1200  # inside the window, lower than anything before the last slab
+    else:
+        data = rng.integers(40, 256, shape).astype(np.uint8)
+        data[-1, 3, 4] = 7
+    recipe = Recipe(hu_window=(-1250.0, 250.0), image_size=size)
+    volume = Volume(data, np.eye(4), shape)
+    made = model_input(volume, "case", recipe, dataset=False)
+    window = normalise(data, encoding, recipe.hu_window)
+    expected = at_once(window, size, labels=False).astype(np.float16)
+    assert made.encoding == encoding and made.image.dtype == np.float16
+    assert made.image.tobytes() == expected.tobytes()
+    assert window[:SLAB_SLICES].min() > window.min()  # a slab's own minimum would differ
+    assert normalised_min(data, encoding, recipe.hu_window) == window.min()
+
+
+@pytest.mark.parametrize(("shape", "size"), [((40, 37, 53), 64), ((21, 64, 50), 32)])
+def test_labels_to_square_in_slabs_is_the_whole_stack_at_once(shape, size) -> None:
+    labels = np.random.default_rng(1).integers(0, 4, shape).astype(np.uint8)
+    square = to_square(labels, size, labels=True)
+    assert square.dtype == np.uint8 and shape[0] > SLAB_SLICES
+    np.testing.assert_array_equal(square, at_once(labels, size, labels=True))
 
 
 def test_both_encodings_map_the_same_hu_to_the_same_value() -> None:

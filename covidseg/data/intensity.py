@@ -77,3 +77,9 @@ def window(hu: np.ndarray, hu_window: tuple[float, float]) -> np.ndarray:
 def normalise(data: np.ndarray, encoding: str, hu_window: tuple[float, float]) -> np.ndarray:
     """Stored values -> HU -> [0, 1] under `hu_window`."""
     return window(to_hu(data, encoding), hu_window)
+
+
+def normalised_min(data: np.ndarray, encoding: str, hu_window: tuple[float, float]) -> float:
+    """`normalise(data).min()` without normalising the volume: every step of `normalise` is
+    monotone, so the same float32 operations on the stored minimum give the same value."""
+    return float(normalise(np.min(data, keepdims=True), encoding, hu_window).min())

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.ndimage import distance_transform_edt
+from scipy.spatial import cKDTree
 
-from covidseg.errors import CovidSegError
 from covidseg.data.volumes import INFECTION_ARCHIVE, LUNG_ARCHIVE, LUNG_INFECTION_ARCHIVE
+from covidseg.errors import CovidSegError
 
 BACKGROUND, LEFT_LUNG, RIGHT_LUNG = 0, 1, 2
 LUNG_INFECTION_VALUE = 3  # infection in Lung_and_Infection_Mask and in the lung_infection target
@@ -131,7 +131,7 @@ def infection_mask(masks: dict[str, np.ndarray]) -> np.ndarray:
     if INFECTION_ARCHIVE in masks:
         return masks[INFECTION_ARCHIVE]
     infection: np.ndarray = masks[LUNG_INFECTION_ARCHIVE] == LUNG_INFECTION_VALUE
-    return infection.astype(np.uint8)
+    return infection.view(np.uint8)  # False/True are the bytes 0/1: no copy
 
 
 def lung_mask(masks: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -147,45 +147,94 @@ def target_mask(
     masks: dict[str, np.ndarray], scheme: LabelScheme, case: str
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(training target in `scheme`'s values, whole lungs or None) from one case's masks."""
-    infection = infection_mask(masks)
     lungs = lung_mask(masks)
     if not scheme.multi:
-        return infection, lungs
+        return infection_mask(masks), lungs
     if lungs is None:
         raise CovidSegError(
             f"{case}: prepare.target is {scheme.target} but neither {LUNG_ARCHIVE} nor "
             f"{LUNG_INFECTION_ARCHIVE} was downloaded (add it to download.sha256)"
         )
-    return np.where(infection > 0, scheme.infection, lungs).astype(np.uint8), lungs
+    mask = np.empty(lungs.shape, np.uint8)
+    for part in _slabs(len(mask)):  # no whole-volume infection mask beside the result
+        infected = infection_mask({archive: m[part] for archive, m in masks.items()}) > 0
+        mask[part] = np.where(infected, scheme.infection, lungs[part])
+    return mask, lungs
 
 
 def whole_lungs(
     labels: np.ndarray, spacing: tuple[float, float, float] | None = None
 ) -> np.ndarray:
     """{0, 1 left, 2 right} from lung + infection labels: each infection voxel takes the side of
-    the nearest lung voxel (nearest in mm when `spacing` is given, else in voxel steps)."""
-    infected = labels == LUNG_INFECTION_VALUE
-    lungs = np.where(np.isin(labels, (LEFT_LUNG, RIGHT_LUNG)), labels, 0).astype(np.uint8)
-    if not infected.any() or not lungs.any():
+    the nearest lung voxel (nearest in mm when `spacing` is given, else in voxel steps). A voxel
+    exactly as far from both lungs takes either side (the search picks one of the nearest).
+
+    Memory is that of the result plus the lung surface and slab-sized temporaries: a distance
+    transform with indices would need 13 bytes per voxel of the lungs' box."""
+    lungs = np.zeros(labels.shape, np.uint8)
+    infected = False
+    for part in _slabs(labels.shape[0]):
+        block = labels[part]
+        lungs[part] = np.where((block == LEFT_LUNG) | (block == RIGHT_LUNG), block, 0)
+        infected = infected or bool((block == LUNG_INFECTION_VALUE).any())
+    if not infected:
         return lungs
-    box = bounding_box(lungs > 0, infected)
-    sub = lungs[box]
-    nearest = distance_transform_edt(
-        sub == 0, sampling=spacing, return_distances=False, return_indices=True
-    )
-    # gathered at the infected voxels alone: indexing with the whole index volume would first
-    # copy it as 64-bit integers (24 bytes per voxel of the box)
-    where = np.nonzero(infected[box])
-    sub[where] = sub[tuple(axis[where] for axis in nearest)]
+    surface = LungSurface(lungs, spacing)
+    if not surface.voxels.size:  # no lungs, or no voxel outside them
+        return lungs
+    sides = lungs[tuple(surface.voxels.T)]
+    for part in _slabs(labels.shape[0]):
+        where = np.nonzero(labels[part] == LUNG_INFECTION_VALUE)
+        if where[0].size:
+            points = np.stack(where, axis=1)
+            points[:, 0] += part.start
+            lungs[part][where] = sides[surface.nearest(points)]
     return lungs
 
 
-def bounding_box(*masks: np.ndarray) -> tuple[slice, ...]:
-    """The smallest box holding every True voxel of the masks (at least one must be True)."""
-    union = np.logical_or.reduce(masks)
-    box = []
-    for axis in range(union.ndim):
-        other = tuple(a for a in range(union.ndim) if a != axis)
-        hits = np.flatnonzero(union.any(axis=other))
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
+SLAB_SLICES = 8  # slices per step of the slab-wise loops: their temporaries stay small
+
+
+def _slabs(slices: int) -> list[slice]:
+    return [
+        slice(start, min(start + SLAB_SLICES, slices)) for start in range(0, slices, SLAB_SLICES)
+    ]
+
+
+class LungSurface:
+    """The lung voxels with a non-lung 6-neighbour in the volume, searchable by distance. The
+    nearest lung voxel of any non-lung voxel is one of them: a step from a lung voxel towards
+    the point along any axis where they differ comes closer, so it must leave the lungs."""
+
+    def __init__(self, lungs: np.ndarray, spacing: tuple[float, float, float] | None) -> None:
+        self.voxels = lung_surface(lungs)
+        self.scale = np.asarray(spacing if spacing is not None else (1.0, 1.0, 1.0), np.float64)
+        self._tree = cKDTree(self.voxels * self.scale) if self.voxels.size else None
+
+    def nearest(self, points: np.ndarray) -> np.ndarray:
+        """Row numbers in `voxels` of the nearest surface voxel of each (n, 3) voxel index."""
+        if self._tree is None:
+            raise ValueError("no lung surface to search")
+        _, rows = self._tree.query(points * self.scale)
+        found: np.ndarray = rows
+        return found
+
+
+def lung_surface(lungs: np.ndarray) -> np.ndarray:
+    """(n, 3) indices of the nonzero voxels with a zero 6-neighbour inside the volume."""
+    found = []
+    slices = lungs.shape[0]
+    for part in _slabs(slices):
+        low, high = max(part.start - 1, 0), min(part.stop + 1, slices)
+        block = lungs[low:high] > 0
+        inner = block.copy()  # every neighbour inside the volume is lung too
+        for axis in range(3):
+            ahead = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
+            behind = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
+            inner[ahead] &= block[behind]
+            inner[behind] &= block[ahead]
+        own = slice(part.start - low, part.stop - low)
+        where = np.nonzero(block[own] & ~inner[own])
+        found.append(np.stack(where, axis=1))
+        found[-1][:, 0] += part.start
+    return np.concatenate(found) if found else np.zeros((0, 3), np.intp)

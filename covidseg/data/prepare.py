@@ -24,28 +24,35 @@ def prepare_case(
 ) -> tuple[dict[str, np.ndarray], CaseMeta]:
     """Load, check, normalise and resize one case; return its arrays and attributes. A folder
     dataset's case (`encoding`: `dataset.encoding`) is judged by its values, not its name."""
-    loaded = load_case(files)
     scheme = scheme_for(params.target)
     size = params.image_size
+    loaded = load_case(files)
+    image, masks = loaded.image, loaded.masks
+    del loaded  # from here on each volume is dropped as soon as nothing needs it
     if encoding is not None:
-        check_declared_encoding(loaded.image.data, files.name, encoding)
-    prepared = model_input(loaded.image, files.name, recipe_of(params), dataset=encoding is None)
-    mask, lungs = target_mask(loaded.masks, scheme, files.name)
+        check_declared_encoding(image.data, files.name, encoding)
+    prepared = model_input(image, files.name, recipe_of(params), dataset=encoding is None)
+    shape, spacing, affine = image.data.shape, image.spacing, image.affine
+    del image  # the raw CT: the largest array not stored
+    mask, lungs = target_mask(masks, scheme, files.name)
+    del masks
     arrays = {"image": prepared.image, "mask": to_square(mask, size, True)}
+    del mask
     if lungs is not None:
         arrays["lung"] = to_square(lungs, size, True)
-    infected = arrays["mask"] == scheme.infection
-    shape = loaded.image.data.shape
+        del lungs
     meta = CaseMeta(
         case=files.name,
         encoding=prepared.encoding,
         target=params.target,
         original_shape=shape,
-        original_spacing=loaded.image.spacing,
-        spacing=resized_spacing(loaded.image.spacing, shape[1], shape[2], size),
-        affine=loaded.image.affine.tolist(),
+        original_spacing=spacing,
+        spacing=resized_spacing(spacing, shape[1], shape[2], size),
+        affine=affine.tolist(),
         hu_window=params.hu_window,
-        slice_has_infection=tuple(int(v) for v in infected.any(axis=(1, 2))),
+        slice_has_infection=tuple(
+            int((plane == scheme.infection).any()) for plane in arrays["mask"]
+        ),
     )
     return arrays, meta
 

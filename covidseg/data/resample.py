@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 Pad = tuple[tuple[int, int], tuple[int, int]]
+SLAB_SLICES = 4  # slices resized per step (a float32 copy of a slab, not of the volume)
 
 
 def square_padding(rows: int, cols: int) -> Pad:
@@ -35,13 +36,26 @@ def _interpolate(stack: np.ndarray, size: tuple[int, int], labels: bool) -> np.n
     return out[:, 0].numpy().astype(stack.dtype, copy=False)
 
 
-def to_square(stack: np.ndarray, size: int, labels: bool) -> np.ndarray:
-    """Pad (slices, H, W) to square and resize to (slices, size, size)."""
+def to_square(
+    stack: np.ndarray, size: int, labels: bool, *, fill: float | None = None
+) -> np.ndarray:
+    """Pad (slices, H, W) to square and resize to (slices, size, size). The padding is 0 for
+    labels, else `fill` (default: the stack's minimum; a caller working in slabs passes the
+    whole volume's). Slices are resized a slab at a time: the float temporaries stay small."""
     pad = square_padding(*stack.shape[1:])
-    if any(any(p) for p in pad):
+    padded = any(any(p) for p in pad)
+    if not padded and stack.shape[1:] == (size, size):
+        return stack
+    if fill is None:
         fill = 0 if labels else float(stack.min())
-        stack = np.pad(stack, ((0, 0), *pad), constant_values=fill)
-    return _interpolate(stack, (size, size), labels)
+    resized = max(stack.shape[1:]) != size
+    out = np.empty((len(stack), size, size), np.uint8 if labels and resized else stack.dtype)
+    for start in range(0, len(stack), SLAB_SLICES):
+        part = stack[start : start + SLAB_SLICES]
+        if padded:
+            part = np.pad(part, ((0, 0), *pad), constant_values=0 if labels else fill)
+        out[start : start + SLAB_SLICES] = _interpolate(part, (size, size), labels)
+    return out
 
 
 def to_original_grid(stack: np.ndarray, rows: int, cols: int, labels: bool) -> np.ndarray:

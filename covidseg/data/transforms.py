@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from covidseg.config import PrepareParams
-from covidseg.data.intensity import check_encoding, normalise
-from covidseg.data.resample import to_original_grid, to_square
+from covidseg.data.intensity import check_encoding, normalise, normalised_min
+from covidseg.data.resample import SLAB_SLICES, to_original_grid, to_square
 from covidseg.data.volumes import Volume, check_finite, reorient
 
 
@@ -52,11 +52,17 @@ class ModelInput:
 def model_input(volume: Volume, case: str, recipe: Recipe, *, dataset: bool = True) -> ModelInput:
     """Check the encoding, map to HU and window to [0, 1], pad to square and resize. The
     dataset's naming rule holds for a dataset case only (`check_encoding`)."""
-    check_finite(volume.data, case, "image")
-    encoding = check_encoding(volume.data, case, dataset=dataset)
-    window = normalise(volume.data, encoding, recipe.hu_window)
-    image = to_square(window, recipe.image_size, labels=False).astype(recipe.image_dtype)
-    rows, cols = volume.data.shape[1:]
+    data, size = volume.data, recipe.image_size
+    check_finite(data, case, "image")
+    encoding = check_encoding(data, case, dataset=dataset)
+    # a slab at a time into the output: no float32 copy of the whole volume. The padding is the
+    # whole volume's lowest value, as if it had been normalised at once.
+    fill = normalised_min(data, encoding, recipe.hu_window)
+    image = np.empty((len(data), size, size), recipe.image_dtype)
+    for start in range(0, len(data), SLAB_SLICES):
+        window = normalise(data[start : start + SLAB_SLICES], encoding, recipe.hu_window)
+        image[start : start + SLAB_SLICES] = to_square(window, size, labels=False, fill=fill)
+    rows, cols = data.shape[1:]
     return ModelInput(image=image, encoding=encoding, grid=Grid(rows, cols))
 
 

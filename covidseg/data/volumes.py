@@ -272,13 +272,16 @@ def read_mask(
 
 
 def load_case(files: CaseFiles) -> LoadedCase:
-    """Read a case, run every integrity check, and reorient image and masks together."""
+    """Read a case, run every integrity check, and reorient image and masks together. One
+    volume at a time: each array as on disk is dropped once its reoriented copy exists."""
     data, affine = read_nifti(files.image, files.name)
     check_finite(data, files.name, "image")
-    masks = {
-        archive: read_mask(path, files.name, archive, data.shape, image_affine=affine)
-        for archive, path in files.masks.items()
-    }
+    shape = data.shape
     image = reorient(data, affine)
-    oriented = {archive: reorient(mask, affine).data for archive, mask in masks.items()}
+    del data
+    oriented = {}
+    for archive, path in files.masks.items():
+        mask = read_mask(path, files.name, archive, shape, image_affine=affine)
+        oriented[archive] = reorient(mask, affine).data
+        del mask
     return LoadedCase(files.name, image, oriented)
