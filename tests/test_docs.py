@@ -7,6 +7,8 @@
   option that does not exist;
 - the tests named in the fault table exist;
 - the README's links into `docs/` resolve, and the README stays a front door (<= 170 lines);
+- every picture a page or the README shows exists, has alt text and stays small, and every
+  file in `docs/assets/` is shown somewhere;
 - `mkdocs build --strict` succeeds (a broken link, anchor or a page left out of the navigation
   fails it), where mkdocs is installed.
 """
@@ -296,6 +298,76 @@ def test_readme_links_into_docs_resolve() -> None:
 def test_readme_stays_a_front_door() -> None:
     lines = len(README.read_text().splitlines())
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move detail into docs/"
+
+
+# --- pictures -----------------------------------------------------------------------------
+
+ASSETS = DOCS / "assets"
+IMAGE_MAX_BYTES = 200_000
+MD_IMAGE = re.compile(r"!\[([^\]]*)\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+HTML_IMAGE = re.compile(r"<img\b[^>]*>", re.IGNORECASE)
+HTML_ATTR = re.compile(r"""\b(src|alt)\s*=\s*(?:"([^"]*)"|'([^']*)')""", re.IGNORECASE)
+
+
+def images(text: str) -> list[tuple[str, str]]:
+    """(alt text, target) of every picture a Markdown text shows, fenced code left out:
+    `![alt](target)` and `<img src=... alt=...>`."""
+    # an alt text may wrap onto the next lines; inline code shows syntax, not pictures
+    prose = "\n".join(CODE.sub("``", line) for line in prose_lines(text))
+    found = [(" ".join(alt.split()), target) for alt, target in MD_IMAGE.findall(prose)]
+    for tag in HTML_IMAGE.findall(prose):
+        attrs = {m[0].lower(): m[1] or m[2] for m in HTML_ATTR.findall(tag)}
+        found.append((" ".join(attrs.get("alt", "").split()), attrs.get("src", "")))
+    return found
+
+
+def shown_images() -> dict[Path, list[tuple[str, str]]]:
+    """The pictures of every page and the README, by page."""
+    return {page: images(page.read_text()) for page in pages()}
+
+
+@pytest.mark.parametrize("page", pages(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_pictures_exist_have_alt_text_and_stay_small(page: Path) -> None:
+    where = page.relative_to(ROOT)
+    for alt, target in images(page.read_text()):
+        assert alt, f"{where}: the picture {target} has no alt text"
+        assert "://" not in target and not target.startswith("/"), (
+            f"{where}: {target}: pictures are files of the repository, linked relatively"
+        )
+        path = (page.parent / target.partition("#")[0]).resolve()
+        assert path.is_file(), f"{where} shows {target}: no such file"
+        size = path.stat().st_size
+        assert size <= IMAGE_MAX_BYTES, (
+            f"{where} shows {target}: {size} bytes, over {IMAGE_MAX_BYTES}; downscale it"
+        )
+
+
+def test_every_asset_is_shown_somewhere() -> None:
+    shown = {
+        (page.parent / target.partition("#")[0]).resolve()
+        for page, found in shown_images().items()
+        for _, target in found
+    }
+    assets = {p.resolve() for p in ASSETS.rglob("*") if p.is_file()} if ASSETS.is_dir() else set()
+    orphans = sorted(str(p.relative_to(ROOT)) for p in assets - shown)
+    assert not orphans, f"files in docs/assets/ that no page shows: {orphans}"
+
+
+def test_the_picture_check_sees_alt_text_and_targets() -> None:
+    text = (
+        '![A report\npage](../assets/a.png) and ![](b.png "title")\n'
+        "```\n![in code](c.png)\n```\nsyntax: `![alt](f.png)`\n"
+        "<img src=\"d.png\" alt=\"D\"> <img alt='' src='e.png'>\n"
+    )
+    assert images(text) == [
+        ("A report page", "../assets/a.png"),
+        ("", "b.png"),
+        ("D", "d.png"),
+        ("", "e.png"),
+    ]
+    assert any(
+        target.startswith("../assets/") for found in shown_images().values() for _, target in found
+    )
 
 
 MKDOCS = pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None, reason="no mkdocs")

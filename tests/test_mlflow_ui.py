@@ -1,8 +1,9 @@
 """The MLflow UI, in headless Chromium, on a server started as the README says.
 
 A tiny train + evaluate logs to that server over HTTP; the browser then opens the run page and
-must show the run's params and test metrics, and preview an overlay figure from the Artifacts
-tab. Screenshots of each step go to `$COVIDSEG_TEST_ARTIFACTS/mlflow-ui/` (default
+must show the run's params and test metrics, preview an overlay figure from the Artifacts tab,
+and list the fold's run under the cross-validation's parent run once the parent is expanded.
+Screenshots of each step go to `$COVIDSEG_TEST_ARTIFACTS/mlflow-ui/` (default
 `<repo>/test-artifacts/`). The same server must refuse requests naming a foreign Host (DNS
 rebinding) and cross-origin writes.
 
@@ -33,6 +34,7 @@ from covidseg.evaluation.evaluate import EvalPaths, evaluate
 from covidseg.training.train import TrainPaths, train
 
 if TYPE_CHECKING:
+    from mlflow.entities import Run
     from playwright.sync_api import Locator, Page
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow-ui")]
@@ -118,6 +120,65 @@ def tree_node(page: Page, name: str) -> Locator:
     return page.locator(f'[data-testid="artifact-tree-node"][artifact-name="{name}"]')
 
 
+def close_assistant(page: Page) -> None:
+    """Close the assistant's side panel, which would squeeze the screenshots."""
+    close = page.locator('[data-component-id$="assistant.chat_panel.close"]')
+    if close.count():
+        close.first.click()
+
+
+def run_row(page: Page, run: Run) -> Locator:
+    """The runs list's row of `run`: the grid part that holds its name (ag-grid splits a row
+    into pinned and scrolling parts that share the `row-id`)."""
+    link = page.get_by_role("link", name=run.info.run_name, exact=True)
+    return page.locator(f'[role="row"][row-id="{run.info.run_id}"]').filter(has=link)
+
+
+def fit_run_name_column(page: Page, runs: list[Run]) -> None:
+    """Size the Run Name column to its longest name (a double click on its edge) and check
+    that the names of `runs` show whole; focus and hover then leave the table."""
+    header = page.locator('.ag-header-cell[col-id="attributes.`Run Name`"]')
+    header.locator(".ag-header-cell-resize").dblclick()
+    page.mouse.move(0, 0)
+    page.evaluate("document.activeElement instanceof HTMLElement && document.activeElement.blur()")
+    for run in runs:
+        name = page.get_by_role("link", name=run.info.run_name, exact=True).locator("span")
+        shown, full = name.evaluate("e => [e.clientWidth, e.scrollWidth]")
+        assert shown >= full, f"{run.info.run_name!r} cut short: {shown} of {full} px"
+
+
+def expand_parent_run(page: Page, url: str, parent: Run, children: list[Run]) -> None:
+    """Open the runs list of the parent's experiment, expand the parent and check that each
+    child run is listed right under it, indented."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{url}/#/experiments/{parent.info.experiment_id}/runs", timeout=WAIT_MS)
+    parent_row = run_row(page, parent)
+    expect(parent_row).to_be_visible(timeout=WAIT_MS)
+    close_assistant(page)
+    for child in children:  # nested runs start collapsed: listed only under their parent
+        expect(run_row(page, child)).to_have_count(0)
+    name_cell = parent_row.get_by_role("gridcell").filter(
+        has=page.get_by_role("link", name=parent.info.run_name, exact=True)
+    )
+    name_cell.get_by_role("button").click()  # the expander beside the parent's name
+    fit_run_name_column(page, [parent, *children])
+    parent_index = int(parent_row.get_attribute("row-index") or "-1")
+    parent_link = parent_row.get_by_role("link", name=parent.info.run_name, exact=True)
+    parent_box = parent_link.bounding_box()
+    assert parent_box is not None
+    child_indices = []
+    for child in children:
+        row = run_row(page, child)
+        expect(row).to_be_visible()
+        child_indices.append(int(row.get_attribute("row-index") or "-1"))
+        box = row.get_by_role("link", name=child.info.run_name, exact=True).bounding_box()
+        assert box is not None
+        assert box["y"] > parent_box["y"] and box["x"] > parent_box["x"] + 8, (box, parent_box)
+    expected = range(parent_index + 1, parent_index + 1 + len(children))
+    assert sorted(child_indices) == list(expected), (parent_index, child_indices)
+
+
 def run_tiny_pipeline(
     url: str, prepared: tuple[Path, Path], raw_dir: Path, out: Path, monkeypatch: pytest.MonkeyPatch
 ) -> dict:
@@ -195,9 +256,7 @@ def test_run_page_shows_params_metrics_and_overlay(
             expect(page.get_by_role("tab", name="Overview")).to_have_attribute(
                 "aria-selected", "true"
             )
-            close_assistant = page.locator('[data-component-id$="assistant.chat_panel.close"]')
-            if close_assistant.count():  # a side panel that would squeeze the screenshots
-                close_assistant.first.click()
+            close_assistant(page)
             page.screenshot(path=screenshots / "01-run-overview.png")
 
             assert row_value(page, "train.epochs") == "1"
@@ -229,6 +288,9 @@ def test_run_page_shows_params_metrics_and_overlay(
             shown_digest = image.evaluate(SHA256_OF_IMAGE_SOURCE)
             assert shown_digest == hashlib.sha256(overlay.read_bytes()).hexdigest()
             page.screenshot(path=screenshots / "04-artifacts-overlay.png")
+
+            expand_parent_run(page, server.url, parent, [run])
+            page.screenshot(path=screenshots / "05-runs-parent-child.png")
         except Exception:
             page.screenshot(path=screenshots / "failure.png")
             raise
