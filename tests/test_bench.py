@@ -18,7 +18,9 @@ BENCH = ROOT / "bench"
 HELPERS = {"_report.py", "_synth.py"}
 END = "load average (1 min) at end:"  # every script's last line (`_report.load_note`)
 
-# script -> (arguments, lines it must print); each runs in seconds to about a minute on 2 cores
+# script -> (arguments, lines it must print); each runs in seconds to about a minute on 2 cores.
+# A smoke run checks that the script works end to end, not its figures: the costly ones run
+# at toy sizes (64 px, few steps or slices, one repeat)
 RUNS: dict[str, tuple[list[str], list[str]]] = {
     "agreement.py": (
         ["--quick", "--crop"],
@@ -33,13 +35,16 @@ RUNS: dict[str, tuple[list[str], list[str]]] = {
         ["reloaded output vs mean probability of the 2 folds: max |diff|", END],
     ),
     "evaluate_time.py": (
-        ["--quick"],
+        ["--quick", "--size", "64", "--slices", "16", "--repeats", "1"],
         ["wall ratios vs bare inference:", "breakdown: steps after prediction add", END],
     ),
-    "fold_overhead.py": (["--quick"], ["per-fold overhead (difference)", "ratio stage/bare:", END]),
+    "fold_overhead.py": (
+        ["--quick", "--size", "64"],
+        ["per-fold overhead (difference)", "ratio stage/bare:", END],
+    ),
     "gpu_throughput.py": (["--quick"], ['"variant": "eager", "batch": 1', "| eager | 4 |"]),
     "predict_time.py": (
-        ["--quick", "--variants", "--rss"],
+        ["--quick", "--variants", "--rss", "--size", "64"],
         [
             "ratio today / new defaults (whole command):",
             "ratio today / --precision int8 (whole command):",
@@ -66,7 +71,7 @@ RUNS: dict[str, tuple[list[str], list[str]]] = {
         ["512 px: store/npy throughput", "128 px: store/npy throughput", END],
     ),
     "train_throughput.py": (
-        ["--quick"],
+        ["--quick", "--size", "64", "--batch", "2", "--steps", "2", "--repeats", "1"],
         ["stage: make_loader + train_epoch", "time ratio stage/bare", END],
     ),
 }
