@@ -34,6 +34,7 @@ from dicom_series import (
 )
 from oracles import LungOracle, oracle
 from phantoms import PhantomCase, load_nifti, make_case
+from tiny import WINDOW
 
 from covidseg import CovidSegError, __version__
 from covidseg.cli import main
@@ -43,7 +44,6 @@ from covidseg.inference.predict import predict_many
 from covidseg.training.model import build_model
 from covidseg.training.modelio import ModelSpec, save_model
 
-WINDOW = (-1250.0, 250.0)
 DCM2NIIX = Path(sys.executable).with_name("dcm2niix")
 SEVERITY_KEYS = (
     "lesion_volume_ml",

@@ -27,6 +27,7 @@ import torch
 from oracles import LesionOracle, LungOracle, oracle
 from phantoms import AIR_HU, BODY_HU, PhantomCase, hu_to_uint8, load_nifti
 from PIL import Image
+from tiny import WINDOW
 
 import covidseg.precision as precision_module
 from covidseg import CovidSegError
@@ -38,7 +39,6 @@ from covidseg.tracking import Tracker
 from covidseg.training.model import build_model
 from covidseg.training.modelio import ModelSpec, save_model
 
-WINDOW = (-1250.0, 250.0)
 CLI = Path(sys.executable).with_name("covidseg")
 MLFLOW_ENV = (
     "MLFLOW_TRACKING_URI",

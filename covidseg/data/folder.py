@@ -57,6 +57,7 @@ from covidseg.data.volumes import (
     affines_match,
     check_header,
     read_nifti,
+    slabs,
 )
 from covidseg.errors import CovidSegError
 
@@ -467,8 +468,7 @@ def _image_header(path: Path, case: str) -> nib.Nifti1Image | nib.Nifti2Image:
 
 def _slabs(shape: tuple[int, ...]) -> list[slice]:
     """Ranges of the last axis covering about `SLAB_VOXELS` each (contiguous on disk)."""
-    step = max(1, SLAB_VOXELS // max(1, int(np.prod(shape[:-1]))))
-    return [slice(start, start + step) for start in range(0, shape[-1], step)]
+    return slabs(shape[-1], max(1, SLAB_VOXELS // max(1, int(np.prod(shape[:-1])))))
 
 
 def present_values(data: np.ndarray, where: str) -> set[int]:

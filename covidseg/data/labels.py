@@ -21,7 +21,12 @@ from typing import Any
 import numpy as np
 from scipy.spatial import cKDTree
 
-from covidseg.data.volumes import INFECTION_ARCHIVE, LUNG_ARCHIVE, LUNG_INFECTION_ARCHIVE
+from covidseg.data.volumes import (
+    INFECTION_ARCHIVE,
+    LUNG_ARCHIVE,
+    LUNG_INFECTION_ARCHIVE,
+    slabs,
+)
 from covidseg.errors import CovidSegError
 
 BACKGROUND, LEFT_LUNG, RIGHT_LUNG = 0, 1, 2
@@ -156,7 +161,7 @@ def target_mask(
             f"{LUNG_INFECTION_ARCHIVE} was downloaded (add it to download.sha256)"
         )
     mask = np.empty(lungs.shape, np.uint8)
-    for part in _slabs(len(mask)):  # no whole-volume infection mask beside the result
+    for part in slabs(len(mask), SLAB_SLICES):  # no whole-volume infection mask beside the result
         infected = infection_mask({archive: m[part] for archive, m in masks.items()}) > 0
         mask[part] = np.where(infected, scheme.infection, lungs[part])
     return mask, lungs
@@ -173,7 +178,7 @@ def whole_lungs(
     transform with indices would need 13 bytes per voxel of the lungs' box."""
     lungs = np.zeros(labels.shape, np.uint8)
     infected = False
-    for part in _slabs(labels.shape[0]):
+    for part in slabs(labels.shape[0], SLAB_SLICES):
         block = labels[part]
         lungs[part] = np.where((block == LEFT_LUNG) | (block == RIGHT_LUNG), block, 0)
         infected = infected or bool((block == LUNG_INFECTION_VALUE).any())
@@ -183,7 +188,7 @@ def whole_lungs(
     if not surface.voxels.size:  # no lungs, or no voxel outside them
         return lungs
     sides = lungs[tuple(surface.voxels.T)]
-    for part in _slabs(labels.shape[0]):
+    for part in slabs(labels.shape[0], SLAB_SLICES):
         where = np.nonzero(labels[part] == LUNG_INFECTION_VALUE)
         if where[0].size:
             points = np.stack(where, axis=1)
@@ -193,12 +198,6 @@ def whole_lungs(
 
 
 SLAB_SLICES = 8  # slices per step of the slab-wise loops: their temporaries stay small
-
-
-def _slabs(slices: int) -> list[slice]:
-    return [
-        slice(start, min(start + SLAB_SLICES, slices)) for start in range(0, slices, SLAB_SLICES)
-    ]
 
 
 class LungSurface:
@@ -224,7 +223,7 @@ def lung_surface(lungs: np.ndarray) -> np.ndarray:
     """(n, 3) indices of the nonzero voxels with a zero 6-neighbour inside the volume."""
     found = []
     slices = lungs.shape[0]
-    for part in _slabs(slices):
+    for part in slabs(slices, SLAB_SLICES):
         low, high = max(part.start - 1, 0), min(part.stop + 1, slices)
         block = lungs[low:high] > 0
         inner = block.copy()  # every neighbour inside the volume is lung too

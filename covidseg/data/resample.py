@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from covidseg.data.volumes import slabs
+
 Pad = tuple[tuple[int, int], tuple[int, int]]
 SLAB_SLICES = 4  # slices resized per step (a float32 copy of a slab, not of the volume)
 
@@ -50,11 +52,11 @@ def to_square(
         fill = 0 if labels else float(stack.min())
     resized = max(stack.shape[1:]) != size
     out = np.empty((len(stack), size, size), np.uint8 if labels and resized else stack.dtype)
-    for start in range(0, len(stack), SLAB_SLICES):
-        part = stack[start : start + SLAB_SLICES]
+    for part in slabs(len(stack), SLAB_SLICES):
+        block = stack[part]
         if padded:
-            part = np.pad(part, ((0, 0), *pad), constant_values=0 if labels else fill)
-        out[start : start + SLAB_SLICES] = _interpolate(part, (size, size), labels)
+            block = np.pad(block, ((0, 0), *pad), constant_values=0 if labels else fill)
+        out[part] = _interpolate(block, (size, size), labels)
     return out
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from covidseg.config import PrepareParams
 from covidseg.data.intensity import check_encoding, normalise, normalised_min
 from covidseg.data.resample import SLAB_SLICES, to_original_grid, to_square
-from covidseg.data.volumes import Volume, check_finite, reorient
+from covidseg.data.volumes import Volume, check_finite, reorient, slabs
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,9 @@ def model_input(volume: Volume, case: str, recipe: Recipe, *, dataset: bool = Tr
     # whole volume's lowest value, as if it had been normalised at once.
     fill = normalised_min(data, encoding, recipe.hu_window)
     image = np.empty((len(data), size, size), recipe.image_dtype)
-    for start in range(0, len(data), SLAB_SLICES):
-        window = normalise(data[start : start + SLAB_SLICES], encoding, recipe.hu_window)
-        image[start : start + SLAB_SLICES] = to_square(window, size, labels=False, fill=fill)
+    for part in slabs(len(data), SLAB_SLICES):
+        window = normalise(data[part], encoding, recipe.hu_window)
+        image[part] = to_square(window, size, labels=False, fill=fill)
     rows, cols = data.shape[1:]
     return ModelInput(image=image, encoding=encoding, grid=Grid(rows, cols))
 

@@ -201,6 +201,12 @@ def check_affine(affine: np.ndarray, case: str, name: str) -> None:
         )
 
 
+def slabs(slices: int, step: int) -> list[slice]:
+    """Consecutive runs of `step` slices (the last may be shorter) covering `slices`: the steps
+    of code that works a few slices at a time so that its temporaries stay small."""
+    return [slice(start, min(start + step, slices)) for start in range(0, slices, step)]
+
+
 def reorient(data: np.ndarray, affine: np.ndarray) -> Volume:
     """Bring an (x, y, z) array to the canonical (S, P, L) axes; the affine follows."""
     transform = ornt_transform(io_orientation(affine), axcodes2ornt(CANONICAL_AXCODES))
