@@ -13,6 +13,16 @@ share the CV repository run on one worker (`xdist_group("cv")`).
 
 from __future__ import annotations
 
+import os
+
+# Two cores and `-n 2`: a worker's torch (and every stage process it starts) using both cores
+# makes OpenMP threads spin against the other worker's: a tiny CV run by both workers at once
+# took 144 s with two threads each and 92 s with one. So each worker gets its share of the cores,
+# set in the worker before numpy or torch is imported; a thread count set by the caller wins.
+if "PYTEST_XDIST_WORKER" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _workers))
+
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +38,8 @@ if TYPE_CHECKING:
     import torch
 
     from covidseg.config import PrepareParams
+
+pytest_plugins = ["cpu_durations"]  # --cpu-durations=N
 
 SIZE = 64  # the prepared phantoms' image size
 
