@@ -8,7 +8,7 @@ the fitted networks, an empty MLflow database and a tiny CV run through `dvc rep
 may write into them: a test that changes its inputs takes a fixture that copies them into its
 own `tmp_path` (`raw_dir`, `pipeline_repo.copy_repo`) or builds its own (`tracked`: a copy of
 the empty database). Under pytest-xdist each worker builds what its tests use; the tests that
-share the CV repository run on one worker (`xdist_group("cv")`).
+share the CV repository wait for the one worker that builds it (`cv_repo`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ if "PYTEST_XDIST_WORKER" in os.environ and "OMP_NUM_THREADS" not in os.environ:
     _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _workers))
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +33,7 @@ import numpy as np
 import pytest
 from mirror_server import Mirror, MirrorServer
 from phantoms import PhantomCase, default_cases, write_archives
-from pipeline_repo import CvRepo
+from pipeline_repo import CvRepo, cv_params
 
 if TYPE_CHECKING:
     import torch
@@ -263,22 +264,26 @@ def tracked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_db: Pa
 
 @pytest.fixture(scope="session")
 def cv_repo(tmp_path_factory: pytest.TempPathFactory, mirror: Mirror) -> CvRepo:
-    """A tiny three-fold CV (TINY, kfold) reproduced as an interrupted CV is: `dvc repro
+    """A tiny three-fold CV (`cv_params`) reproduced as an interrupted CV is: `dvc repro
     train@0 train@1`, then `dvc repro`; results committed. Read-only: a test works in a copy
-    (`pipeline_repo.copy_repo`)."""
-    from pipeline_repo import dvc, make_repo, run
-    from tiny import TINY, merge
+    (`pipeline_repo.copy_repo`).
 
-    params = merge(
-        TINY,
-        {
-            "split": {"folds": [0, 1, 2]},
-            "download": {"base_url": str(mirror.dir), "sha256": mirror.sha256},
-        },
-    )
-    repo = make_repo(tmp_path_factory.mktemp("cv") / "repo", params)
-    first = dvc(repo, "repro", "train@0", "train@1").stdout
-    second = dvc(repo, "repro").stdout
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-qm", "baseline results")
-    return CvRepo(path=repo, first=first, second=second)
+    Built once per run, not per pytest-xdist worker: the first worker to need it builds it
+    under a file lock in the run's shared temporary folder, the others wait and read it."""
+    from filelock import FileLock
+    from pipeline_repo import dvc, make_repo, run
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+    folder, record = shared / "cv", shared / "cv.json"
+    with FileLock(shared / "cv.lock"):
+        if record.exists():
+            built = json.loads(record.read_text())
+            return CvRepo(path=Path(built["path"]), first=built["first"], second=built["second"])
+        repo = make_repo(folder / "repo", cv_params(mirror))
+        first = dvc(repo, "repro", "train@0", "train@1").stdout
+        second = dvc(repo, "repro").stdout
+        run(repo, "git", "add", "-A")
+        run(repo, "git", "commit", "-qm", "baseline results")
+        record.write_text(json.dumps({"path": str(repo), "first": first, "second": second}))
+        return CvRepo(path=repo, first=first, second=second)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from tiny import merge
+from mirror_server import Mirror
+from tiny import TINY, merge
 
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("stages", "covidseg", "plots", "dvc.yaml", "params.yaml")
@@ -100,3 +101,14 @@ def copy_repo(source: Path, dest: Path) -> Path:
                             f'UPDATE "{table}" SET "{name}" = replace("{name}", ?, ?)', (old, new)
                         )
     return dest
+
+
+def cv_params(mirror: Mirror) -> dict[str, Any]:
+    """The params of the `cv_repo` run: TINY, three kfold folds, fetched from `mirror`."""
+    return merge(
+        TINY,
+        {
+            "split": {"folds": [0, 1, 2]},
+            "download": {"base_url": str(mirror.dir), "sha256": mirror.sha256},
+        },
+    )

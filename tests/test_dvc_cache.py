@@ -11,7 +11,7 @@ import yaml
 from pipeline_repo import CvRepo, copy_repo, dvc, run
 from tiny import merge
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cv")]
+pytestmark = pytest.mark.slow
 FOLD_STAGES = {f"{stage}@{fold}" for stage in ("train", "evaluate") for fold in range(3)}
 
 

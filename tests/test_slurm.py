@@ -2,11 +2,11 @@
 stack (`deploy/stack.sh`), one array task per fold (`deploy/slurm/submit.sh`).
 
 One scenario, submitted once and read by every test: the tiny three-fold CV of the `cv_repo`
-fixture (the same commit, run locally with `dvc repro` for the whole session) is submitted with
-fold 2's task cancelled: the head fails in one line naming fold 2. Submitted again, folds 0 and
-1 are restored from the run-cache, fold 2 trains, and the head trains nothing, aggregates and
-pushes the experiment into the submitting clone, with the local run's numbers. Then `cluster.sh
-stop` with a job running leaves no process.
+fixture (the same params and code, which that fixture runs locally with `dvc repro`) is
+submitted with fold 2's task cancelled: the head fails in one line naming fold 2. Submitted
+again, folds 0 and 1 are restored from the run-cache, fold 2 trains, and the head trains
+nothing, aggregates and pushes the experiment into the submitting clone, with the local run's
+numbers. Then `cluster.sh stop` with a job running leaves no process.
 
 Needs Debian's `slurm-wlm` and `munge`, and what the team stack needs (PostgreSQL, `weed`);
 without Slurm the tests skip, unless CI is set: then they fail.
@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from pipeline_repo import ROOT, CvRepo, env, run
+from mirror_server import Mirror
+from pipeline_repo import ROOT, CvRepo, cv_params, env, make_repo, run
 from team_stack import TeamStack, missing_tools, parse_exports
 
-# with the other users of `cv_repo` on one pytest-xdist worker, which builds it once
-pytestmark = [pytest.mark.slow, pytest.mark.team, pytest.mark.xdist_group("cv")]
+# the cluster and the stack are the module's: its tests run on one pytest-xdist worker
+pytestmark = [pytest.mark.slow, pytest.mark.team, pytest.mark.xdist_group("slurm")]
 
 SLURM = ROOT / "deploy" / "slurm"
 CLIENT_ENV = ("MLFLOW_", "AWS_", "DVC_", "SLURM_")
@@ -256,16 +257,14 @@ def submit(
 def scenario(
     cluster: Cluster,
     stack: TeamStack,
-    cv_repo: CvRepo,
+    mirror: Mirror,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Scenario:
-    """The `cv_repo` pipeline commit (before its results), cloned, with the stack's DVC remote
-    committed; submitted with fold 2 cancelled, then again."""
+    """The pipeline commit that `cv_repo` reproduces (`cv_params`; made here, so that the
+    submissions need not wait for that run), with the stack's DVC remote committed; submitted
+    with fold 2 cancelled, then again."""
     root = tmp_path_factory.mktemp("slurm")
-    repo, scratch = root / "clone", root / "scratch"
-    run(root, "git", "clone", "-q", str(cv_repo.path), str(repo))
-    run(repo, "git", "reset", "-q", "--hard", "HEAD~1")  # the commit `cv_repo` reproduced
-    assert not (repo / "dvc.lock").exists()
+    repo, scratch = make_repo(root / "clone", cv_params(mirror)), root / "scratch"
     remote_lines = [line for line in stack.lines if line.startswith("dvc remote ")]
     run(repo, "bash", "-c", "set -e; " + "; ".join(remote_lines))
     run(repo, "git", "add", ".dvc/config")

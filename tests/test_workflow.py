@@ -18,7 +18,7 @@ import yaml
 from pipeline_repo import CvRepo, copy_repo, dvc, env
 from tiny import merge
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cv")]
+pytestmark = pytest.mark.slow
 
 
 def mlflow_runs(repo: Path) -> list:
