@@ -54,6 +54,12 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+def torch_threads() -> int:
+    """The torch threads a benchmark uses: 2 (its figures' setting), or OMP_NUM_THREADS where
+    the caller set it (the test suite gives each of its workers one)."""
+    return int(os.environ.get("OMP_NUM_THREADS") or 2)
+
+
 def machine_note() -> str:
     """One line on the conditions: cores and current load (other jobs share this machine)."""
     load = os.getloadavg()[0]

@@ -18,7 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _report import load_note, machine_note, median, model_args, spread, table, timed, timed_cpu
+from _report import (
+    load_note,
+    machine_note,
+    median,
+    model_args,
+    spread,
+    table,
+    timed,
+    timed_cpu,
+    torch_threads,
+)
 from _synth import make_phantom, write_case_store
 
 from covidseg.config import Params, RuntimeParams
@@ -127,8 +137,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(2)
-    print(machine_note(), "| torch threads 2")
+    torch.set_num_threads(torch_threads())
+    print(machine_note(), f"| torch threads {torch_threads()}")
     print(
         f"{args.arch}({args.encoder}), {args.slices} slices stored at {args.size} px, original"
         f" grid {args.slices}x{ORIGINAL}x{ORIGINAL}; median of {args.repeats} repeats"
@@ -138,7 +148,9 @@ def main() -> None:
     med = {k: median(v) for k, v in times.items()}
     cpu = {k: median(v) for k, v in cpu_times.items()}
     rows = [[k, med[k], spread(times[k]), args.slices / med[k], cpu[k]] for k in ORDER]
-    print(table(["path", "wall s", "range", "slices/s", "CPU s (2 threads)"], rows))
+    print(
+        table(["path", "wall s", "range", "slices/s", f"CPU s ({torch_threads()} threads)"], rows)
+    )
     print("\npredict_case broken down (s):")
     print(table(["step", "s"], [[k, v] for k, v in parts.items()]))
     print(note)

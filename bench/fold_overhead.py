@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from _report import load_note, machine_note, table, timed
+from _report import load_note, machine_note, table, timed, torch_threads
 from _synth import make_phantom, write_case_store
 from torch.utils.data import DataLoader
 
@@ -99,7 +99,7 @@ def main() -> None:
         "train": {"epochs": epochs, "batch_size": 8, "steps_per_epoch": steps},
         "runtime": {"num_workers": 0, "device": "cpu"},
     }
-    torch.set_num_threads(2)
+    torch.set_num_threads(torch_threads())
     note = machine_note()  # the load at the start, as it says
     with tempfile.TemporaryDirectory(prefix="bench-fold-") as tmp:
         root = Path(tmp)

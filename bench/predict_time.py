@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _report import load_note, machine_note, table, timed_cpu
+from _report import load_note, machine_note, table, timed_cpu, torch_threads
 from _synth import make_phantom, window, write_nifti
 
 import covidseg.inference.quantize as quantize
@@ -147,7 +147,7 @@ def main() -> None:
     args.arch = args.arch or ("Unet" if args.quick else "UnetPlusPlus")
     args.encoder = args.encoder or ("resnet18" if args.quick else "densenet201")
     args.size = args.size or (128 if args.quick else 512)
-    torch.set_num_threads(2)
+    torch.set_num_threads(torch_threads())
     slices = args.slices or (8 if args.quick else 300)
     cpu = torch.device("cpu")
     print(machine_note())
@@ -165,7 +165,7 @@ def main() -> None:
         area = float(((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).mean())
         print(
             f"{args.arch}({args.encoder}) at {args.size} px, {slices} slices of 512 x 512, "
-            f"batch {args.batch}, CPU, 2 threads; auto uses bf16 here: "
+            f"batch {args.batch}, CPU, {torch_threads()} threads; auto uses bf16 here: "
             f"{uses_bf16(cpu, 'auto')}; body boxes (--crop): {area / args.size**2:.0%} of the slice"
         )
         if not args.rss_only:

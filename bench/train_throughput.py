@@ -20,7 +20,17 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _report import load_note, machine_note, median, model_args, spread, table, timed, verdict
+from _report import (
+    load_note,
+    machine_note,
+    median,
+    model_args,
+    spread,
+    table,
+    timed,
+    torch_threads,
+    verdict,
+)
 from _synth import build_stores
 from torch.utils.data import DataLoader
 
@@ -114,8 +124,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(2)
-    print(machine_note(), f"| torch threads 2, {args.workers} loader worker(s)")
+    torch.set_num_threads(torch_threads())
+    print(machine_note(), f"| torch threads {torch_threads()}, {args.workers} loader worker(s)")
     print(
         f"{args.arch}({args.encoder}) at {args.size} px, batch {args.batch}, {args.steps} steps"
         f" per timed epoch, median of {args.repeats} repeats (stage and bare interleaved)"

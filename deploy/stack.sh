@@ -372,6 +372,9 @@ start_mlflow() {
     export AWS_ACCESS_KEY_ID=$S3_ACCESS_KEY AWS_SECRET_ACCESS_KEY=$S3_SECRET_KEY
     export AWS_DEFAULT_REGION=us-east-1
     export MLFLOW_DISABLE_TELEMETRY=true
+    # MLflow's job runner (huey consumers for its GenAI features, which the pipeline does not
+    # use): seven more processes and about 18 s of CPU at every start
+    export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
     launch mlflow "$DIR/logs/mlflow.log" mlflow server \
       --backend-store-uri "postgresql+psycopg2://$PG_USER@/mlflow" \
       --artifacts-destination "s3://$MLFLOW_BUCKET/artifacts" \
