@@ -6,7 +6,10 @@ fixture (the same params and code, which that fixture runs locally with `dvc rep
 submitted with fold 2's task cancelled: the head fails in one line naming fold 2. Submitted
 again, folds 0 and 1 are restored from the run-cache, fold 2 trains, and the head trains
 nothing, aggregates and pushes the experiment into the submitting clone, with the local run's
-numbers. Then `cluster.sh stop` with a job running leaves no process.
+numbers. Two one-fold submissions then lose a service once their task has trained an epoch:
+the MLflow server (each stage warns once, all completes) and the object store (the task fails
+with DVC's error, the head names the fold). Then `cluster.sh stop` with a job running leaves no
+process.
 
 Needs Debian's `slurm-wlm` and `munge`, and what the team stack needs (PostgreSQL, `weed`);
 without Slurm the tests skip, unless CI is set: then they fail.
@@ -24,7 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,11 +221,28 @@ def user_env(stack: TeamStack, cluster: Cluster) -> dict[str, str]:
     return out | stack.env | cluster.env | {"MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
+def first_epoch_logged(scratch: Path, name: str, fold: int) -> bool:
+    """Whether a kept task of `fold` of the submission `name` under `scratch` has logged an
+    epoch of training."""
+    pattern = f"covidseg-slurm/{name}/fold-{fold}-*/metrics/folds/logs/fold-{fold}.csv"
+    for log in scratch.glob(pattern):
+        with contextlib.suppress(OSError):
+            if len(log.read_text().splitlines()) >= 2:  # the header and epoch 1
+                return True
+    return False
+
+
 def submit(
-    repo: Path, environ: dict[str, str], *args: str, cancel_fold: int | None = None
+    repo: Path,
+    environ: dict[str, str],
+    *args: str,
+    cancel_fold: int | None = None,
+    fault: Callable[[], None] | None = None,
+    scratch: Path | None = None,
 ) -> Submission:
     """`submit.sh --wait ARGS`; with `cancel_fold`, that fold's task is cancelled as soon as the
-    jobs are submitted (it waits behind `prepare`, so it never starts)."""
+    jobs are submitted (it waits behind `prepare`, so it never starts); with `fault`, it is
+    called once fold 0's task (kept under `scratch`) has trained an epoch."""
     command = ["bash", str(SLURM / "submit.sh"), "--wait", *args]
     process = subprocess.Popen(
         command, cwd=repo, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -239,6 +259,13 @@ def submit(
     if cancel_fold is not None and "FOLD_JOB" in printed:
         scancel = ["scancel", f"{printed['FOLD_JOB']}_{cancel_fold}"]
         subprocess.run(scancel, env=environ, check=True, timeout=30)
+    if fault is not None:
+        assert scratch is not None
+        deadline = time.monotonic() + 600
+        while not first_epoch_logged(scratch, printed["NAME"], 0) and process.poll() is None:
+            assert time.monotonic() < deadline, "fold 0 trained no epoch in 600 s"
+            time.sleep(0.1)
+        fault()
     out, err = process.communicate(timeout=1200)
     assert "HEAD_JOB" in printed, err
     return Submission(
@@ -414,6 +441,72 @@ def test_submit_refuses_uncommitted_changes_and_bad_params_before_any_job(
     assert dirty.returncode == 1
     assert "uncommitted changes (notes.txt" in dirty.stderr and dirty.stderr.count("\n") == 1
     assert cluster.run("squeue", "-h", "-o", "%i").stdout == before  # nothing submitted
+
+
+# one fold, four epochs (new params, so it trains; a name of its own): a service is killed once
+# the task has trained an epoch
+FAULT_RUN = ("-S", "split.folds=[0]", "-S", "train.epochs=4")
+TRACKING_WARNING = "warning: MLflow tracking failed"
+
+
+def test_a_task_whose_tracking_server_dies_finishes_with_one_warning_per_stage(
+    scenario: Scenario, stack: TeamStack, cluster: Cluster
+) -> None:
+    environ = user_env(stack, cluster)
+    options = ("--keep", "--scratch", str(scenario.scratch))
+    try:
+        done = submit(
+            scenario.repo,
+            environ,
+            *options,
+            *FAULT_RUN,
+            fault=lambda: stack.kill("mlflow"),
+            scratch=scenario.scratch,
+        )
+    finally:
+        restarted = stack.script("start")
+    assert "starting mlflow server" in restarted.stderr  # it was dead until the end
+    # as with a local `dvc repro`: each stage process warns once and carries on
+    assert done.returncode == 0, done.stderr[-3000:]
+    fold_log, head_log = done.log("fold", 0), done.log("head")
+    for log, stages in ((fold_log, 2), (head_log, 1)):  # train + evaluate; aggregate
+        warned = [line for line in log.splitlines() if line.startswith(TRACKING_WARNING)]
+        assert len(warned) == stages, log[-3000:]
+        assert "Traceback" not in log
+    assert cluster.jobs(done.folds) == {"0": ("COMPLETED", "0:0")}
+    assert run(scenario.repo, "git", "show", f"{exp_ref(scenario.repo, done.name)}:dvc.lock")
+
+
+def test_a_task_whose_object_store_dies_fails_and_the_head_names_its_fold(
+    scenario: Scenario, stack: TeamStack, cluster: Cluster
+) -> None:
+    environ = user_env(stack, cluster)
+    options = ("--keep", "--scratch", str(scenario.scratch))
+    try:
+        done = submit(
+            scenario.repo,
+            environ,
+            *options,
+            *FAULT_RUN,
+            "-S",
+            "train.seed=1",
+            fault=lambda: stack.kill("weed"),
+            scratch=scenario.scratch,
+        )
+    finally:
+        restarted = stack.script("start")
+    assert "starting the object store" in restarted.stderr
+    assert done.returncode == 1
+    assert cluster.jobs(done.folds) == {"0": ("FAILED", "1:0")}
+    fold_log = done.log("fold", 0)
+    assert "Traceback" not in fold_log, fold_log[-3000:]
+    (error,) = [line for line in fold_log.splitlines() if line.lower().startswith("error")]
+    assert "failed to push data to the cloud" in error, fold_log[-3000:]
+    assert "Could not connect to the endpoint URL" in error
+    last = done.stderr.strip().splitlines()[-1]
+    expected = rf"error: folds 0 of {done.name} did not finish \(fold 0 FAILED\): .*"
+    assert re.fullmatch(expected, last), last
+    assert "Traceback" not in done.stderr
 
 
 def test_cluster_stop_leaves_no_process_even_with_a_job_running(cluster: Cluster) -> None:

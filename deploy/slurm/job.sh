@@ -90,7 +90,10 @@ with Repo() as repo:
     for stage in stages:
         repo.stage_cache.save(stage)
         files += [out.hash_info for out in stage.outs if not out.use_cache]
-    failed = repo.cloud.push(files).failed
+    try:
+        failed = repo.cloud.push(files).failed
+    except Exception as error:  # an unreachable remote raises: one line, as `dvc push` says it
+        sys.exit(f"error: failed to push data to the cloud ({', '.join(sorted(wanted))}): {error}")
     if failed:
         sys.exit(f"error: {len(failed)} files of {', '.join(sorted(wanted))} were not pushed")
 EOF
