@@ -45,6 +45,23 @@ pytest_plugins = ["cpu_durations"]  # --cpu-durations=N
 SIZE = 64  # the prepared phantoms' image size
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first: the single tests that use `cv_repo`, then the other slow ones, then the
+    rest (a stable sort: the order within each stays). pytest-xdist hands out the `xdist_group`
+    chains first and then single tests in this order, so the CV repository is built early by
+    a free worker (not late, on the Slurm chain that needs it last) and no long test is left
+    for the end."""
+
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("xdist_group"):
+            return 2  # a chain of its own: its order is its module's
+        if "cv_repo" in getattr(item, "fixturenames", ()):
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def xdist_groups_hold(request: pytest.FixtureRequest) -> None:
     """Under `--dist loadgroup`, fail at once if pytest-xdist lost the `xdist_group` marks:
