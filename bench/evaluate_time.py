@@ -137,8 +137,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(torch_threads())
-    print(machine_note(), f"| torch threads {torch_threads()}")
+    threads = torch_threads()
+    torch.set_num_threads(threads)
+    print(machine_note(), f"| torch threads {threads}")
     print(
         f"{args.arch}({args.encoder}), {args.slices} slices stored at {args.size} px, original"
         f" grid {args.slices}x{ORIGINAL}x{ORIGINAL}; median of {args.repeats} repeats"
@@ -148,9 +149,7 @@ def main() -> None:
     med = {k: median(v) for k, v in times.items()}
     cpu = {k: median(v) for k, v in cpu_times.items()}
     rows = [[k, med[k], spread(times[k]), args.slices / med[k], cpu[k]] for k in ORDER]
-    print(
-        table(["path", "wall s", "range", "slices/s", f"CPU s ({torch_threads()} threads)"], rows)
-    )
+    print(table(["path", "wall s", "range", "slices/s", f"CPU s ({threads} threads)"], rows))
     print("\npredict_case broken down (s):")
     print(table(["step", "s"], [[k, v] for k, v in parts.items()]))
     print(note)

@@ -124,8 +124,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(torch_threads())
-    print(machine_note(), f"| torch threads {torch_threads()}, {args.workers} loader worker(s)")
+    threads = torch_threads()
+    torch.set_num_threads(threads)
+    print(machine_note(), f"| torch threads {threads}, {args.workers} loader worker(s)")
     print(
         f"{args.arch}({args.encoder}) at {args.size} px, batch {args.batch}, {args.steps} steps"
         f" per timed epoch, median of {args.repeats} repeats (stage and bare interleaved)"
