@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from mirror_server import Mirror
 from pipeline_repo import ROOT, CvRepo, cv_params, env, make_repo, run
 from team_stack import TeamStack, missing_tools, parse_exports
@@ -449,23 +450,33 @@ FAULT_RUN = ("-S", "split.folds=[0]", "-S", "train.epochs=4")
 TRACKING_WARNING = "warning: MLflow tracking failed"
 
 
-def test_a_task_whose_tracking_server_dies_finishes_with_one_warning_per_stage(
-    scenario: Scenario, stack: TeamStack, cluster: Cluster
-) -> None:
-    environ = user_env(stack, cluster)
+def submit_losing(
+    scenario: Scenario, stack: TeamStack, cluster: Cluster, part: str, *sets: str
+) -> tuple[Submission, str]:
+    """A `FAULT_RUN` submission (plus `sets`) whose `part` of the stack is killed once fold 0
+    has trained an epoch; the stack is started again afterwards. Returns the submission and
+    what that restart printed on stderr."""
     options = ("--keep", "--scratch", str(scenario.scratch))
     try:
         done = submit(
             scenario.repo,
-            environ,
+            user_env(stack, cluster),
             *options,
             *FAULT_RUN,
-            fault=lambda: stack.kill("mlflow"),
+            *sets,
+            fault=lambda: stack.kill(part),
             scratch=scenario.scratch,
         )
     finally:
         restarted = stack.script("start")
-    assert "starting mlflow server" in restarted.stderr  # it was dead until the end
+    return done, restarted.stderr
+
+
+def test_a_task_whose_tracking_server_dies_finishes_with_one_warning_per_stage(
+    scenario: Scenario, stack: TeamStack, cluster: Cluster
+) -> None:
+    done, restarted = submit_losing(scenario, stack, cluster, "mlflow")
+    assert "starting mlflow server" in restarted  # it was dead until the end
     # as with a local `dvc repro`: each stage process warns once and carries on
     assert done.returncode == 0, done.stderr[-3000:]
     fold_log, head_log = done.log("fold", 0), done.log("head")
@@ -474,28 +485,19 @@ def test_a_task_whose_tracking_server_dies_finishes_with_one_warning_per_stage(
         assert len(warned) == stages, log[-3000:]
         assert "Traceback" not in log
     assert cluster.jobs(done.folds) == {"0": ("COMPLETED", "0:0")}
-    assert run(scenario.repo, "git", "show", f"{exp_ref(scenario.repo, done.name)}:dvc.lock")
+    # the experiment landed with its own params and numbers: metrics/ is the record
+    ref = exp_ref(scenario.repo, done.name)
+    params = yaml.safe_load(run(scenario.repo, "git", "show", f"{ref}:params.yaml").stdout)
+    assert params["train"]["epochs"] == 4 and params["split"]["folds"] == [0]
+    summary = json.loads(run(scenario.repo, "git", "show", f"{ref}:metrics/evaluate.json").stdout)
+    assert 0.0 <= summary["dice"] <= 1.0
 
 
 def test_a_task_whose_object_store_dies_fails_and_the_head_names_its_fold(
     scenario: Scenario, stack: TeamStack, cluster: Cluster
 ) -> None:
-    environ = user_env(stack, cluster)
-    options = ("--keep", "--scratch", str(scenario.scratch))
-    try:
-        done = submit(
-            scenario.repo,
-            environ,
-            *options,
-            *FAULT_RUN,
-            "-S",
-            "train.seed=1",
-            fault=lambda: stack.kill("weed"),
-            scratch=scenario.scratch,
-        )
-    finally:
-        restarted = stack.script("start")
-    assert "starting the object store" in restarted.stderr
+    done, restarted = submit_losing(scenario, stack, cluster, "weed", "-S", "train.seed=1")
+    assert "starting the object store" in restarted
     assert done.returncode == 1
     assert cluster.jobs(done.folds) == {"0": ("FAILED", "1:0")}
     fold_log = done.log("fold", 0)
